@@ -1,0 +1,241 @@
+"""What every dataset provides: a deterministic training plan, pair loading, validation pairs.
+
+A dataset is a table of volumes addressed by string keys (``"atlas"``,
+``"Train/subject_07.pkl"``, ...). The training plan of an epoch is a list of
+:class:`TrainItem` descriptors (moving key, fixed key, flips) computed from
+``(seed, epoch)`` alone, so it is cheap and can be recomputed to resume training
+mid-epoch. Volumes are only read by :meth:`RegistrationData.load_train` and when a
+validation :class:`Pair` is indexed.
+
+Loading is thread-safe: loaders keep no mutable state apart from small caches
+guarded by a lock.
+"""
+
+import abc
+import collections.abc
+import dataclasses
+import threading
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+
+DEMO_HINT = ("To try the code without any data, use the built-in synthetic phantom: "
+             "--config=configs/demo.py")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """A validation pair. Images ``float32 (*S)``, segmentations ``int32 (*S)``."""
+
+    name: str
+    moving: np.ndarray
+    fixed: np.ndarray
+    moving_seg: np.ndarray
+    fixed_seg: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainItem:
+    """One training sample of a plan: register volume ``moving`` to ``fixed``.
+
+    ``flip[k]`` says whether array axis ``k`` of both images is reversed.
+    """
+
+    moving: str
+    fixed: str
+    flip: tuple[bool, bool, bool] = (False, False, False)
+
+
+class PairList(collections.abc.Sequence):
+    """Validation pairs loaded on access: ``pairs[i]`` reads pair ``i`` from disk.
+
+    Nothing is cached, so iterating over the list holds one pair in memory at a time.
+    """
+
+    def __init__(self, names: Sequence[str], load: Callable[[int], Pair]):
+        self._names = tuple(names)
+        self._load = load
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Pair names, in order, without loading anything."""
+        return self._names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"pair index {index} out of range for {len(self)} pairs")
+        return self._load(index % len(self))
+
+    def __repr__(self) -> str:
+        return f"PairList({len(self)} pairs)"
+
+
+def plan_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The random stream of one epoch's plan; depends on ``(seed, epoch)`` only."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    return np.random.default_rng([int(seed), int(epoch)])
+
+
+def random_partners(rng: np.random.Generator, num: int) -> np.ndarray:
+    """For each of ``num`` subjects, the index of a uniformly drawn *other* subject."""
+    if num < 2:
+        raise ValueError(f"pairing subjects needs at least 2 of them, got {num}")
+    offsets = rng.integers(1, num, size=num)
+    return (np.arange(num) + offsets) % num
+
+
+def apply_flip(volume: np.ndarray, flip: Sequence[bool]) -> np.ndarray:
+    """Reverses the array axes of ``volume (*S)`` where ``flip`` is true."""
+    axes = tuple(k for k, f in enumerate(flip) if f)
+    return np.ascontiguousarray(np.flip(volume, axes)) if axes else volume
+
+
+def check_grid(volume: np.ndarray, path: str, grid: tuple[int, ...], grid_source: str
+               ) -> None:
+    """Raises ``ValueError`` naming both shapes and files if ``volume`` is off the grid."""
+    if tuple(volume.shape) != tuple(grid):
+        raise ValueError(
+            f"volume shape {tuple(volume.shape)} of {path} does not match the dataset "
+            f"grid {tuple(grid)} (from {grid_source})")
+
+
+def as_image(array, path: str, what: str = "image") -> np.ndarray:
+    """Checks a loaded image is 3D and finite; returns it as ``float32``."""
+    array = _as_3d(np.asarray(array), path, what)
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{what} in {path} has non-numeric dtype {array.dtype}")
+    image = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(image)):
+        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
+        raise ValueError(f"{what} in {path} has {bad} non-finite (NaN or inf) voxels")
+    return image
+
+
+def as_labels(array, path: str, what: str = "segmentation") -> np.ndarray:
+    """Checks a loaded label map is 3D with integer values; returns it as ``int32``."""
+    array = _as_3d(np.asarray(array), path, what)
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        return array.astype(np.int32, copy=False)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{what} in {path} has non-numeric dtype {array.dtype}")
+    rounded = np.rint(array)
+    if not np.all(np.isfinite(array)) or np.any(rounded != array):
+        raise ValueError(f"{what} in {path} holds non-integer label values")
+    return rounded.astype(np.int32)
+
+
+def read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Marks cached arrays read-only, so no caller can change them for the others."""
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+def _as_3d(array: np.ndarray, path: str, what: str) -> np.ndarray:
+    # Some writers add a singleton channel axis in front or at the back.
+    while array.ndim > 3 and (array.shape[0] == 1 or array.shape[-1] == 1):
+        array = array[0] if array.shape[0] == 1 else array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(f"{what} in {path} must be a 3D volume, got shape {array.shape}")
+    return array
+
+
+class RegistrationData(abc.ABC):
+    """Base class of the datasets: subclasses provide the volumes and the pairing.
+
+    Attributes:
+      name: dataset name (``"ixi"``, ``"synthetic"``, ...).
+      img_size: ``(D, H, W)`` grid of every volume.
+      labels: label values whose Dice is averaged in validation.
+    """
+
+    name: str
+    img_size: tuple[int, int, int]
+    labels: tuple[int, ...]
+
+    def __init__(self, *, seed: int, augment: bool, num_val: int):
+        if int(num_val) < 0:
+            raise ValueError(f"data.num_val must be >= 0 (0 = all pairs), got {num_val}")
+        if int(seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.seed = int(seed)
+        self.augment = bool(augment)
+        self.num_val = int(num_val)
+        self._cache_lock = threading.Lock()
+        self._cache = {}
+
+    # --- what a dataset implements -------------------------------------------------
+
+    @abc.abstractmethod
+    def _plan_pairs(self, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """This epoch's ``(moving key, fixed key)`` pairs, in training order."""
+
+    @abc.abstractmethod
+    def _load_image(self, key: str) -> np.ndarray:
+        """The ``float32 (*img_size)`` image with this key, checked against the grid."""
+
+    @abc.abstractmethod
+    def _val_names(self) -> list[str]:
+        """Names of all validation pairs, in a fixed order."""
+
+    @abc.abstractmethod
+    def _load_val_pair(self, index: int) -> Pair:
+        """Validation pair ``index`` of :meth:`_val_names`."""
+
+    # --- the public interface ------------------------------------------------------
+
+    def train_plan(self, epoch: int) -> list[Hashable]:
+        """Descriptors (:class:`TrainItem`) of this epoch's training samples, in order.
+
+        Computed from ``(seed, epoch)`` only; nothing is loaded. Flips are drawn per
+        item (each axis with probability 1/2) when ``augment`` is on.
+        """
+        rng = plan_rng(self.seed, epoch)
+        pairs = self._plan_pairs(rng)
+        if self.augment:
+            flips = [tuple(bool(f) for f in row) for row in rng.random((len(pairs), 3)) < 0.5]
+        else:
+            flips = [(False, False, False)] * len(pairs)
+        return [TrainItem(m, f, flip) for (m, f), flip in zip(pairs, flips)]
+
+    def num_train_items(self, epoch: int) -> int:
+        """``len(train_plan(epoch))``."""
+        return len(self.train_plan(epoch))
+
+    def load_train(self, item: TrainItem) -> dict[str, np.ndarray]:
+        """``{"moving", "fixed"}``: ``float32 (*img_size)`` images, flips applied."""
+        if not isinstance(item, TrainItem):
+            raise TypeError(f"expected a TrainItem from train_plan(), got {item!r}")
+        moving = self._load_image(item.moving)
+        fixed = self._load_image(item.fixed)
+        return {"moving": apply_flip(moving, item.flip), "fixed": apply_flip(fixed, item.flip)}
+
+    def val_pairs(self) -> PairList:
+        """The validation pairs (the first ``num_val``, or all when it is 0).
+
+        Returned as a :class:`PairList`: a sequence that reads each pair from disk
+        when it is indexed or iterated, so the whole set is never held in memory.
+        """
+        names = self._val_names()
+        if self.num_val:
+            names = names[:self.num_val]
+        return PairList(names, self._load_val_pair)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, img_size={self.img_size}, "
+                f"{len(self.labels)} labels, {len(self._val_names())} val pairs)")
+
+    # --- helpers for subclasses ----------------------------------------------------
+
+    def _cached(self, key: Hashable, compute: Callable[[], object]):
+        """``compute()`` once per key, shared by all threads."""
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = compute()
+            return self._cache[key]

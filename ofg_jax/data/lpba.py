@@ -1,0 +1,117 @@
+"""LPBA40 brain MRI (LONI, delineation space, NIfTI): subject -> atlas S01."""
+
+import os
+
+import numpy as np
+
+from ofg_jax.data import readers
+from ofg_jax.data.base import (Pair, RegistrationData, as_image, as_labels, check_grid,
+                               read_only)
+
+IMAGE_SUFFIX = ".delineation.skullstripped.nii.gz"
+LABEL_SUFFIX = ".delineation.structure.label.nii.gz"
+ATLAS_ID = "S01"
+
+LAYOUT = f"""\
+  ROOT/S01{IMAGE_SUFFIX}     atlas image (the fixed image of every pair)
+  ROOT/S01{LABEL_SUFFIX}    atlas labels
+  ROOT/Train/SXX{IMAGE_SUFFIX}  training subjects (moving); labels optional
+  ROOT/Val/SXX{IMAGE_SUFFIX}    validation subjects, with
+  ROOT/Val/SXX{LABEL_SUFFIX}   their labels"""
+
+LABELS = (tuple(range(21, 35)) + tuple(range(41, 51)) + tuple(range(61, 69))
+          + tuple(range(81, 93)) + (101, 102, 121, 122) + tuple(range(161, 167)))
+
+
+def normalize(image: np.ndarray, path: str) -> np.ndarray:
+    """Min-max scales an image to [0, 1]."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        raise ValueError(f"image {path} is constant ({lo}); cannot scale it to [0, 1]")
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
+class LPBA(RegistrationData):
+    """Subject (moving) -> atlas S01 (fixed). Each training subject once per epoch.
+
+    Images are min-max scaled to [0, 1] per volume; labels keep their LPBA40 codes.
+    A copy of S01 inside ``Train/`` or ``Val/`` is skipped.
+    """
+
+    name = "lpba"
+    labels = LABELS
+
+    def __init__(self, root: str, *, seed: int, augment: bool, num_val: int,
+                 img_size=None):
+        super().__init__(seed=seed, augment=augment, num_val=num_val)
+        readers.require_dir(root, "LPBA40 data root", LAYOUT)
+        self.root = root
+        self.atlas_path = readers.require_file(os.path.join(root, ATLAS_ID + IMAGE_SUFFIX),
+                                               "LPBA40 atlas image", LAYOUT)
+        readers.require_file(self._label_path(self.atlas_path), "LPBA40 atlas labels",
+                             LAYOUT)
+        self.train_paths = self._subjects("Train", need_labels=False)
+        self.val_paths = self._subjects("Val", need_labels=True)
+        self.img_size = readers.nifti_shape(self.atlas_path)
+        if len(self.img_size) != 3:
+            raise ValueError(f"atlas {self.atlas_path} must be a 3D volume, got shape "
+                             f"{self.img_size}")
+        if img_size and tuple(img_size) != self.img_size:
+            raise ValueError(f"data.img_size {tuple(img_size)} does not match the shape "
+                             f"{self.img_size} of {self.atlas_path}")
+        for path in [self.atlas_path] + self.train_paths + self.val_paths:
+            for p in (path, self._label_path(path)):
+                if not os.path.isfile(p):  # a training subject without labels
+                    continue
+                shape = readers.nifti_shape(p)
+                if shape != self.img_size:
+                    raise ValueError(f"volume shape {shape} of {p} does not match the "
+                                     f"dataset grid {self.img_size} (from {self.atlas_path})")
+
+    def _subjects(self, split: str, need_labels: bool) -> list[str]:
+        paths = readers.list_files(os.path.join(self.root, split), IMAGE_SUFFIX,
+                                   f"LPBA40 {split}", LAYOUT)
+        paths = [p for p in paths if self._subject_id(p) != ATLAS_ID]
+        for p in paths if need_labels else ():
+            readers.require_file(self._label_path(p), f"label file of {p}", LAYOUT)
+        if not paths:
+            raise FileNotFoundError(f"LPBA40 {split} folder {os.path.join(self.root, split)}"
+                                    f" holds no subject besides the atlas {ATLAS_ID}")
+        return paths
+
+    @staticmethod
+    def _subject_id(path: str) -> str:
+        return os.path.basename(path)[:-len(IMAGE_SUFFIX)]
+
+    @staticmethod
+    def _label_path(image_path: str) -> str:
+        return image_path[:-len(IMAGE_SUFFIX)] + LABEL_SUFFIX
+
+    def _read(self, path: str, with_labels: bool):
+        image = normalize(as_image(readers.read_nifti(path), path), path)
+        check_grid(image, path, self.img_size, self.atlas_path)
+        if not with_labels:
+            return image, None
+        label_path = self._label_path(path)
+        seg = as_labels(readers.read_nifti(label_path, labels=True), label_path)
+        check_grid(seg, label_path, self.img_size, self.atlas_path)
+        return image, seg
+
+    def _plan_pairs(self, rng):
+        order = rng.permutation(len(self.train_paths))
+        return [(os.path.relpath(self.train_paths[i], self.root), "atlas") for i in order]
+
+    def _load_image(self, key):
+        if key == "atlas":
+            return self._cached("atlas_image",
+                                lambda: read_only(self._read(self.atlas_path, False)[0]))[0]
+        return self._read(os.path.join(self.root, key), False)[0]
+
+    def _val_names(self):
+        return [self._subject_id(p) for p in self.val_paths]
+
+    def _load_val_pair(self, index):
+        atlas, atlas_seg = self._cached("atlas",
+                                        lambda: read_only(*self._read(self.atlas_path, True)))
+        image, seg = self._read(self.val_paths[index], True)
+        return Pair(self._val_names()[index], image, atlas, seg, atlas_seg)

@@ -1,0 +1,78 @@
+"""OASIS brain MRI (Learn2Reg task 3) in the TransMorph ``.pkl`` release: subject -> subject."""
+
+import os
+
+import numpy as np
+
+from ofg_jax.data import readers
+from ofg_jax.data.base import (Pair, RegistrationData, as_image, as_labels, check_grid,
+                               random_partners)
+
+LAYOUT = """\
+  ROOT/Train/*.pkl      (image, seg) per training subject
+  ROOT/Val/*.pkl        (x, y, x_seg, y_seg) per validation pair, x moving, y fixed"""
+
+LABELS = tuple(range(1, 36))
+
+
+class OASIS(RegistrationData):
+    """Subject -> subject with a random partner per epoch, trained in both directions.
+
+    The plan of an epoch visits the training subjects in shuffled order; subject ``a``
+    draws a partner ``b != a`` and contributes two consecutive items, ``a -> b`` then
+    ``b -> a``, so an epoch has twice as many items as subjects.
+    """
+
+    name = "oasis"
+    labels = LABELS
+
+    def __init__(self, root: str, *, seed: int, augment: bool, num_val: int,
+                 img_size=None):
+        super().__init__(seed=seed, augment=augment, num_val=num_val)
+        readers.require_dir(root, "OASIS data root", LAYOUT)
+        self.root = root
+        self.train_paths = readers.list_files(os.path.join(root, "Train"), ".pkl",
+                                              "OASIS Train", LAYOUT)
+        if len(self.train_paths) < 2:
+            raise ValueError(f"OASIS needs at least 2 training subjects in "
+                             f"{os.path.join(root, 'Train')}, found {len(self.train_paths)}")
+        self.val_paths = readers.list_files(os.path.join(root, "Val"), ".pkl", "OASIS Val",
+                                            LAYOUT)
+        self._grid_source = self.train_paths[0]
+        self.img_size = tuple(self._read_image(self.train_paths[0]).shape)
+        if img_size and tuple(img_size) != self.img_size:
+            raise ValueError(f"data.img_size {tuple(img_size)} does not match the shape "
+                             f"{self.img_size} of {self._grid_source}")
+
+    def _read_image(self, path: str) -> np.ndarray:
+        image, _ = readers.read_pkl(path, 2)
+        return as_image(image, path)
+
+    def _plan_pairs(self, rng):
+        order = rng.permutation(len(self.train_paths))
+        partners = random_partners(rng, len(self.train_paths))
+        keys = [os.path.relpath(p, self.root) for p in self.train_paths]
+        plan = []
+        for a in order:
+            b = partners[a]
+            plan += [(keys[a], keys[b]), (keys[b], keys[a])]
+        return plan
+
+    def _load_image(self, key):
+        path = os.path.join(self.root, key)
+        image = self._read_image(path)
+        check_grid(image, path, self.img_size, self._grid_source)
+        return image
+
+    def _val_names(self):
+        return [os.path.splitext(os.path.basename(p))[0] for p in self.val_paths]
+
+    def _load_val_pair(self, index):
+        path = self.val_paths[index]
+        x, y, x_seg, y_seg = readers.read_pkl(path, 4)
+        x, y = as_image(x, path, "moving image x"), as_image(y, path, "fixed image y")
+        x_seg = as_labels(x_seg, path, "moving segmentation x_seg")
+        y_seg = as_labels(y_seg, path, "fixed segmentation y_seg")
+        for what, volume in (("x", x), ("y", y), ("x_seg", x_seg), ("y_seg", y_seg)):
+            check_grid(volume, f"{path} ({what})", self.img_size, self._grid_source)
+        return Pair(self._val_names()[index], x, y, x_seg, y_seg)

@@ -1,0 +1,90 @@
+"""The built-in synthetic dataset: atlas -> subject pairs of the procedural brain phantom."""
+
+import numpy as np
+
+from ofg_jax.data import phantom
+from ofg_jax.data.base import Pair, RegistrationData, read_only
+
+# Streams of the phantom's random generator: (phantom_seed, _STREAM, index).
+_ANATOMY, _TRAIN, _VAL = 0, 1, 2
+
+
+class Synthetic(RegistrationData):
+    """Atlas (moving) -> subject (fixed) pairs, generated on demand; needs no files.
+
+    The content (anatomy, subjects, noise) depends on ``phantom_seed`` only, so runs
+    with different training seeds see the same data; the training ``seed`` only
+    shuffles the plan and draws the flips. Each training subject is used once per
+    epoch. Labels of interest: all 26 structures of :data:`phantom.STRUCTURES`.
+
+    Args:
+      img_size: grid ``(D, H, W)``; any size of at least 8 per axis.
+      num_train: number of training subjects.
+      val_subjects: number of validation subjects (pairs).
+      phantom_seed: seed of the anatomy and of every subject.
+      deformation: size of the random subject transformations.
+      appearance: contrast, texture, blur, bias and noise of the images.
+    """
+
+    name = "synthetic"
+    labels = phantom.LABELS
+
+    def __init__(self, *, img_size, num_train: int, seed: int, augment: bool, num_val: int,
+                 val_subjects: int = 4, phantom_seed: int = 0,
+                 deformation: phantom.Deformation = phantom.Deformation(),
+                 appearance: phantom.Appearance = phantom.Appearance()):
+        super().__init__(seed=seed, augment=augment, num_val=num_val)
+        img_size = tuple(int(n) for n in img_size)
+        if len(img_size) != 3 or min(img_size) < 8:
+            raise ValueError(f"data.img_size must be 3 sizes of at least 8, got {img_size}")
+        if int(num_train) < 1 or int(val_subjects) < 1:
+            raise ValueError(f"data.num_train and data.val_subjects must be >= 1, got "
+                             f"{num_train} and {val_subjects}")
+        if int(phantom_seed) < 0:
+            raise ValueError(f"data.phantom_seed must be >= 0, got {phantom_seed}")
+        self.img_size = img_size
+        self.num_train = int(num_train)
+        self.val_subjects = int(val_subjects)
+        self.phantom_seed = int(phantom_seed)
+        self.deformation = deformation
+        self.appearance = appearance
+        self.anatomy = phantom.Anatomy.draw(self._rng(_ANATOMY, 0))
+
+    def _rng(self, stream: int, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.phantom_seed, stream, index])
+
+    def atlas(self) -> tuple[np.ndarray, np.ndarray]:
+        """The atlas image ``float32 (*img_size)`` and labels ``int32`` (cached, read-only)."""
+        def render():
+            points = phantom.identity(self.img_size)
+            return read_only(*phantom.render(points, self.anatomy, self._rng(_ANATOMY, 1),
+                                             self.appearance))
+        return self._cached("atlas", render)
+
+    def subject(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and labels of subject ``index`` of ``split`` (``"train"`` or ``"val"``)."""
+        count = {"train": self.num_train, "val": self.val_subjects}.get(split)
+        if count is None or not 0 <= index < count:
+            raise KeyError(f"no synthetic subject {split}/{index}")
+        rng = self._rng(_TRAIN if split == "train" else _VAL, index)
+        points = phantom.transform(rng, self.img_size, self.deformation)
+        return phantom.render(points, self.anatomy, rng, self.appearance)
+
+    def _plan_pairs(self, rng):
+        return [("atlas", f"train/{i:04d}") for i in rng.permutation(self.num_train)]
+
+    def _load_image(self, key):
+        if key == "atlas":
+            return self.atlas()[0]
+        split, _, index = key.partition("/")
+        if not index.isdigit():
+            raise KeyError(f"no synthetic volume {key!r}")
+        return self.subject(split, int(index))[0]
+
+    def _val_names(self):
+        return [f"atlas_to_val{i:04d}" for i in range(self.val_subjects)]
+
+    def _load_val_pair(self, index):
+        atlas, atlas_seg = self.atlas()
+        image, seg = self.subject("val", index)
+        return Pair(self._val_names()[index], atlas, image, atlas_seg, seg)

@@ -1,0 +1,148 @@
+"""The OFG optimiser: refines a predicted displacement into a pseudo label."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ofg_jax._shapes import check_disp, check_same_spatial
+from ofg_jax.ncc import ncc
+from ofg_jax.optim import torch_adam
+from ofg_jax.regularizers import grad_loss
+from ofg_jax.warp import warp
+
+SIMILARITIES = ("ncc", "mse")
+OPTIMIZERS = ("amsgrad", "adam", "sgd")
+
+
+def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
+                        reg_weight: float = 1.0, similarity: str = "ncc",
+                        window: int = 9, penalty: str = "l2") -> jax.Array:
+    """The energy OFG minimises: ``-NCC(fixed, moving∘disp) + reg_weight * Grad(disp)``.
+
+    With ``similarity="mse"`` the data term is ``mean((fixed - moving∘disp)**2)``.
+
+    Args:
+      moving, fixed: ``(*S)`` images.
+      disp: ``(*S, N)`` displacement in voxels.
+      reg_weight: weight of :func:`grad_loss`.
+      similarity: ``"ncc"`` or ``"mse"``.
+      window: NCC window width, in voxels.
+      penalty: ``"l2"`` or ``"l1"`` for :func:`grad_loss`.
+
+    Returns:
+      Scalar energy.
+    """
+    warped = warp(moving, disp)
+    if similarity == "ncc":
+        data = -ncc(fixed, warped, window=window)
+    elif similarity == "mse":
+        data = jnp.mean((fixed - warped) ** 2)
+    else:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    return data + reg_weight * grad_loss(disp, penalty)
+
+
+def _optimizer(name: str, learning_rate) -> optax.GradientTransformation:
+    if name == "amsgrad":
+        return torch_adam(learning_rate, amsgrad=True)
+    if name == "adam":
+        return torch_adam(learning_rate, amsgrad=False)
+    if name == "sgd":
+        return optax.sgd(learning_rate)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def _downsample(disp: jax.Array, factor: int) -> jax.Array:
+    """Averages ``factor**N`` blocks of a ``(*S, N)`` field."""
+    spatial = disp.shape[:-1]
+    if any(n % factor for n in spatial):
+        raise ValueError(
+            f"downsample={factor} needs every spatial size divisible by it, got "
+            f"{spatial}")
+    blocks = []
+    for n in spatial:
+        blocks += [n // factor, factor]
+    blocked = disp.reshape(*blocks, disp.shape[-1])
+    return blocked.mean(axis=tuple(range(1, 2 * len(spatial), 2)))
+
+
+def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int = 10,
+           learning_rate=0.1, reg_weight: float = 1.0, similarity: str = "ncc",
+           optimizer: str = "amsgrad", downsample: int = 1, window: int = 9,
+           penalty: str = "l2") -> jax.Array:
+    """Runs OFG's instance optimisation from ``stop_gradient(disp)``.
+
+    ``steps`` updates of ``optimizer`` on :func:`registration_energy`, inside one
+    ``jax.lax.fori_loop``. The default optimiser is PyTorch's
+    ``Adam(amsgrad=True, betas=(0.9, 0.999), eps=1e-8)``, created fresh for each
+    call, as the reference does for each training pair. Unbatched: ``jax.vmap``
+    over a batch gives every pair its own optimiser state.
+
+    With ``downsample=f > 1`` the optimised variable is a field at ``1/f``
+    resolution (``f``-block averages of ``disp``), upsampled linearly
+    (``jax.image.resize``) to the full grid before warping; the returned field is
+    that upsampled field. Values stay in full-resolution voxels.
+
+    Args:
+      moving, fixed: ``(*S)`` images, 2D or 3D.
+      disp: ``(*S, N)`` starting displacement in voxels (no gradient flows back).
+      steps: number of optimiser updates (static).
+      learning_rate: step size; a float or a traced scalar.
+      reg_weight: weight of the smoothness term.
+      similarity: ``"ncc"`` or ``"mse"``.
+      optimizer: ``"amsgrad"`` (default), ``"adam"`` or ``"sgd"``.
+      downsample: resolution factor of the optimised field (1 = per voxel).
+      window: NCC window width, in voxels.
+      penalty: ``"l2"`` or ``"l1"`` smoothness penalty.
+
+    Returns:
+      ``(*S, N)`` refined displacement, in voxels.
+    """
+    spatial = check_same_spatial(moving.shape, fixed.shape, "moving, fixed")
+    if check_disp(disp.shape) != spatial:
+        raise ValueError(f"disp of shape {disp.shape} does not match images of shape "
+                         f"{spatial}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if not isinstance(downsample, int) or downsample < 1:
+        raise ValueError(f"downsample must be a positive integer, got {downsample!r}")
+
+    start = jax.lax.stop_gradient(disp)
+    if downsample == 1:
+        to_field = lambda params: params
+        params = start
+    else:
+        to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
+        params = _downsample(start, downsample)
+
+    energy = lambda p: registration_energy(
+        moving, fixed, to_field(p), reg_weight=reg_weight, similarity=similarity,
+        window=window, penalty=penalty)
+    opt = _optimizer(optimizer, learning_rate)
+
+    def step(_, carry):
+        params, opt_state = carry
+        updates, opt_state = opt.update(jax.grad(energy)(params), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, _ = jax.lax.fori_loop(0, steps, step, (params, opt.init(params)))
+    return to_field(params)
+
+
+def ofg_loss(pred_disp: jax.Array, moving: jax.Array, fixed: jax.Array,
+             **refine_kwargs) -> jax.Array:
+    """OFG's supervision loss ``mean((pred - stop_gradient(refine(pred)))**2)``.
+
+    The refined field is a constant target, so the gradient with respect to
+    ``pred_disp`` is ``2 * (pred - target) / pred.size``.
+
+    Args:
+      pred_disp: ``(*S, N)`` the network's predicted displacement, in voxels.
+      moving, fixed: ``(*S)`` images.
+      **refine_kwargs: forwarded to :func:`refine`.
+
+    Returns:
+      Scalar loss, in voxels squared.
+    """
+    target = jax.lax.stop_gradient(refine(moving, fixed, pred_disp, **refine_kwargs))
+    return jnp.mean((pred_disp - target) ** 2)
