@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import optax
 
 from ofg_jax._shapes import check_disp, check_same_spatial
-from ofg_jax.ncc import ncc
+from ofg_jax.ncc import ncc_to
 from ofg_jax.optim import torch_adam
 from ofg_jax.regularizers import grad_loss
 from ofg_jax.warp import warp
@@ -32,14 +32,19 @@ def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
     Returns:
       Scalar energy.
     """
-    warped = warp(moving, disp)
+    return _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)(disp)
+
+
+def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
+    """``disp -> energy``, with everything that depends only on ``fixed`` hoisted."""
     if similarity == "ncc":
-        data = -ncc(fixed, warped, window=window)
+        similarity_to_fixed = ncc_to(fixed, window)
+        data = lambda warped: -similarity_to_fixed(warped)
     elif similarity == "mse":
-        data = jnp.mean((fixed - warped) ** 2)
+        data = lambda warped: jnp.mean((fixed - warped) ** 2)
     else:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    return data + reg_weight * grad_loss(disp, penalty)
+    return lambda disp: data(warp(moving, disp)) + reg_weight * grad_loss(disp, penalty)
 
 
 def _optimizer(name: str, learning_rate) -> optax.GradientTransformation:
@@ -115,9 +120,8 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
         to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
         params = _downsample(start, downsample)
 
-    energy = lambda p: registration_energy(
-        moving, fixed, to_field(p), reg_weight=reg_weight, similarity=similarity,
-        window=window, penalty=penalty)
+    energy_of_field = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    energy = lambda p: energy_of_field(to_field(p))
     opt = _optimizer(optimizer, learning_rate)
 
     def step(_, carry):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from ofg_jax import ncc
+from ofg_jax import ncc, ncc_to
 from ofg_jax.ncc import box_sum, local_ncc_map
 
 
@@ -77,6 +77,16 @@ def test_symmetric_and_bounded_and_jittable():
     assert float(cc.min()) >= 0.0 and float(cc.max()) <= 1.0 + 1e-5
     batched = jax.vmap(ncc)(np.stack([a, b]), np.stack([b, b]))
     np.testing.assert_allclose(batched[0], f(a, b), rtol=1e-5)
+
+
+def test_ncc_to_equals_ncc_with_gradients():
+    a, b = images((10, 12, 14), seed=5)
+    to_a = ncc_to(a)
+    np.testing.assert_allclose(to_a(b), ncc(a, b), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(to_a)(b), jax.grad(lambda x: ncc(a, x))(b),
+                               rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="same shape"):
+        to_a(b[:-1])
 
 
 @hypothesis.settings(max_examples=15, deadline=None)
