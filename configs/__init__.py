@@ -1,0 +1,1 @@
+"""Training configurations (`get_config()` files for `--config=configs/<name>.py`)."""

@@ -1,0 +1,34 @@
+"""Diffeomorphic output: integrating a stationary velocity field."""
+
+import jax
+import jax.numpy as jnp
+
+from ofg_jax.warp import warp
+
+
+def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
+    """Scaling and squaring: the displacement of ``exp(v)``.
+
+    ``v <- v / 2**steps``, then ``steps`` times ``v <- v + warp(v, v)`` (linear
+    interpolation, zeros outside), as VoxelMorph's ``VecInt``.
+
+    Args:
+      velocity: ``(B, *S, N)`` stationary velocity field in voxels.
+      steps: number of squarings (VoxelMorph uses 7).
+
+    Returns:
+      ``(B, *S, N)`` displacement in voxels, same dtype as ``velocity``.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    disp = velocity * (1.0 / 2 ** steps)
+    compose = jax.vmap(lambda d: d + warp(d, d))
+    for _ in range(steps):
+        disp = compose(disp)
+    return disp
+
+
+def finalize_flow(flow: jax.Array, diffeomorphic: bool, int_steps: int) -> jax.Array:
+    """The networks' output: ``flow`` in float32, integrated if ``diffeomorphic``."""
+    flow = flow.astype(jnp.float32)
+    return integrate_velocity(flow, int_steps) if diffeomorphic else flow

@@ -1,0 +1,355 @@
+"""TransMorph (Chen et al. 2022): a 3D Swin Transformer encoder in a U-Net."""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ofg_jax.models.integrate import finalize_flow
+from ofg_jax.models.layers import Conv3D, flow_head_init, torch_dense
+from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
+from ofg_jax.models.sizes import check_divisible, check_img_size, check_input
+
+_LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
+
+
+# ---------------------------------------------------------------------------
+# Windows (static index arithmetic in NumPy).
+
+
+def window_partition(x: jax.Array, window: Sequence[int]) -> jax.Array:
+    """``(B, D, H, W, C) -> (B * n_windows, prod(window), C)``, windows batch-major."""
+    b, d, h, w, c = x.shape
+    wd, wh, ww = window
+    x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
+    return x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
+
+
+def window_reverse(windows: jax.Array, window: Sequence[int],
+                   size: Sequence[int]) -> jax.Array:
+    """Inverse of ``window_partition`` for a volume of spatial ``size``."""
+    d, h, w = size
+    wd, wh, ww = window
+    c = windows.shape[-1]
+    x = windows.reshape(-1, d // wd, h // wh, w // ww, wd, wh, ww, c)
+    return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, d, h, w, c)
+
+
+def relative_position_index(window: Sequence[int]) -> np.ndarray:
+    """``(N, N)`` index into the ``prod(2 w - 1)`` relative-offset table, N = prod(w)."""
+    coords = np.stack(np.meshgrid(*[np.arange(n) for n in window], indexing="ij"))
+    coords = coords.reshape(3, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    rel = rel + np.asarray(window) - 1
+    strides = np.asarray([(2 * window[1] - 1) * (2 * window[2] - 1), 2 * window[2] - 1, 1])
+    return (rel * strides).sum(-1)
+
+
+def shifted_window_mask(size: Sequence[int], window: Sequence[int],
+                        shift: Sequence[int]) -> np.ndarray:
+    """``(n_windows, N, N)`` additive mask (0 or -100) of shifted-window attention.
+
+    After the cyclic shift, a window can hold voxels from up to 8 regions that
+    were not neighbours; tokens attend only within their own region.
+    """
+    labels = np.zeros(tuple(size), np.float32)
+    count = 0
+    bands = [((0, -w), (-w, -s), (-s, None)) for w, s in zip(window, shift)]
+    for bd in bands[0]:
+        for bh in bands[1]:
+            for bw in bands[2]:
+                labels[slice(*bd), slice(*bh), slice(*bw)] = count
+                count += 1
+    groups = np.asarray(window_partition(labels[None, ..., None], window))[..., 0]
+    diff = groups[:, None, :] - groups[:, :, None]
+    return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Swin blocks.
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample (``dropout`` rng)."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep,
+                                    (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention within windows, with a relative position bias."""
+
+    dim: int
+    window: Sequence[int]
+    num_heads: int
+    qkv_bias: bool
+    attn_drop_rate: float
+    proj_drop_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic: bool):
+        """``x``: ``(B * n_windows, N, dim)``; ``mask``: ``(n_windows, N, N)`` or None."""
+        b_, n, c = x.shape
+        heads = self.num_heads
+        head_dim = c // heads
+        table_size = int(np.prod([2 * w - 1 for w in self.window]))
+        # PyTorch draws this table from trunc_normal_(std=.02) truncated at +-2
+        # (absolute), i.e. effectively untruncated.
+        table = self.param("relative_position_bias_table", nn.initializers.normal(0.02),
+                           (table_size, heads), jnp.float32)
+        index = relative_position_index(self.window).reshape(-1)
+        bias = table[index].reshape(n, n, heads).transpose(2, 0, 1)
+
+        qkv = torch_dense(3 * c, c, self.qkv_bias, self.dtype, name="qkv")(x)
+        qkv = qkv.reshape(b_, n, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * head_dim ** -0.5, qkv[1], qkv[2]
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) + bias
+        if mask is not None:
+            n_windows = mask.shape[0]
+            logits = logits.reshape(b_ // n_windows, n_windows, heads, n, n)
+            logits = (logits + jnp.asarray(mask)[None, :, None]).reshape(b_, heads, n, n)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.attn_drop_rate)(weights, deterministic)
+        out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(b_, n, c)
+        out = torch_dense(c, c, dtype=self.dtype, name="proj")(out)
+        return nn.Dropout(self.proj_drop_rate)(out, deterministic)
+
+
+class SwinBlock(nn.Module):
+    """(Shifted-)window attention and an MLP, each pre-norm and residual."""
+
+    dim: int
+    num_heads: int
+    window: Sequence[int]
+    shift: Sequence[int]
+    mlp_ratio: float
+    qkv_bias: bool
+    drop_rate: float
+    attn_drop_rate: float
+    drop_path_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, size, deterministic: bool):
+        """``x``: ``(B, D*H*W, dim)`` tokens of a ``size = (D, H, W)`` grid."""
+        b, length, c = x.shape
+        # As the reference: the shift applies only if it is non-zero on every axis.
+        shifted = min(self.shift) > 0
+        h = nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm1")(x).reshape(b, *size, c)
+        if shifted:
+            h = jnp.roll(h, [-s for s in self.shift], axis=(1, 2, 3))
+        mask = shifted_window_mask(size, self.window, self.shift) if shifted else None
+        h = WindowAttention(c, tuple(self.window), self.num_heads, self.qkv_bias,
+                            self.attn_drop_rate, self.drop_rate, self.dtype, name="attn")(
+            window_partition(h, self.window), mask, deterministic)
+        h = window_reverse(h, self.window, size)
+        if shifted:
+            h = jnp.roll(h, list(self.shift), axis=(1, 2, 3))
+        drop_path = DropPath(self.drop_path_rate)
+        x = x + drop_path(h.reshape(b, length, c), deterministic)
+
+        hidden = int(c * self.mlp_ratio)
+        h = nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm2")(x)
+        h = nn.gelu(torch_dense(hidden, c, dtype=self.dtype, name="fc1")(h), approximate=False)
+        h = nn.Dropout(self.drop_rate)(h, deterministic)
+        h = torch_dense(c, hidden, dtype=self.dtype, name="fc2")(h)
+        h = nn.Dropout(self.drop_rate)(h, deterministic)
+        return x + drop_path(h, deterministic)
+
+
+class PatchMerging(nn.Module):
+    """2x2x2 neighbours concatenated (8C), LayerNorm, linear to ``8C / reduce_factor``."""
+
+    reduce_factor: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """``(B, D, H, W, C) -> (B, D/2, H/2, W/2, 8C / reduce_factor)``."""
+        c = x.shape[-1]
+        # The reference's order of the eight neighbours (offsets along D, H, W).
+        offsets = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1),
+                   (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 1)]
+        x = jnp.concatenate([x[:, i::2, j::2, k::2] for i, j, k in offsets], axis=-1)
+        x = nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm")(x)
+        return torch_dense(8 * c // self.reduce_factor, 8 * c, use_bias=False,
+                           dtype=self.dtype, name="reduction")(x)
+
+
+# ---------------------------------------------------------------------------
+# Convolutional decoder.
+
+
+def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """``nn.InstanceNorm3d`` (no affine): per sample and channel over space."""
+    axes = tuple(range(1, x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axes, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axes, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class ConvNormAct(nn.Module):
+    """3x3x3 conv without bias, instance norm, LeakyReLU(0.01)."""
+
+    features: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        x = Conv3D(self.features, 3, 1, 1, use_bias=False, dtype=self.dtype,
+                   impl=self.conv_impl, name="conv")(x)
+        return nn.leaky_relu(instance_norm(x), 0.01)
+
+
+class DecoderBlock(nn.Module):
+    """Trilinear x2 upsampling, skip concatenation, two ``ConvNormAct``."""
+
+    features: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, skip):
+        x = jnp.concatenate([upsample_linear2(x), skip], axis=-1)
+        for i in range(2):
+            x = ConvNormAct(self.features, self.dtype, self.conv_impl, name=f"conv_{i}")(x)
+        return x
+
+
+# ---------------------------------------------------------------------------
+# The network.
+
+
+class TransMorph(nn.Module):
+    """TransMorph: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement in voxels.
+
+    Swin encoder: a ``patch_size``-cubed patch embedding (conv + LayerNorm), four
+    stages of ``depths`` (shifted-)window blocks with ``num_heads`` heads and
+    relative position bias, patch merging (8C -> 2C) between stages, a LayerNorm
+    on each stage's output. Decoder: five blocks (trilinear x2 upsampling, skip
+    concatenation, two conv-InstanceNorm-LeakyReLU) taking the stage outputs at
+    1/16, 1/8, 1/4 and two conv skips of the input (at 1/2 after 3x3x3 average
+    pooling, and at full resolution), then a 3x3x3 flow head initialised
+    ``N(0, 1e-5)``. The defaults (window (5, 6, 7)) have 46,771,251 parameters at
+    160x192x224; window (5, 6, 5) at 160x192x160 (LPBA) has 46,745,907.
+
+    Attributes:
+      img_size: ``(D, H, W)``; each axis divisible by ``patch_size * 8``, and every
+        stage's grid (``img_size / patch_size / 2**i``) divisible by ``window``.
+        For small grids pass a smaller window, e.g. ``window_size=(2, 2, 2)`` at
+        64^3 or ``(3, 3, 3)`` at 96^3.
+      patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
+      drop_rate, attn_drop_rate, drop_path_rate, reg_head_chan: the architecture
+        (defaults: the published configuration).
+      diffeomorphic, int_steps, dtype, conv_impl: as in ``VoxelMorph``.
+    """
+
+    img_size: Sequence[int]
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: Sequence[int] = (2, 2, 4, 2)
+    num_heads: Sequence[int] = (4, 4, 8, 8)
+    window_size: Sequence[int] = (5, 6, 7)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.3
+    reg_head_chan: int = 16
+    diffeomorphic: bool = False
+    int_steps: int = 7
+    dtype: Optional[Any] = None
+    conv_impl: str = "auto"
+
+    def stage_sizes(self) -> list[tuple[int, int, int]]:
+        """The token grid of each Swin stage."""
+        size = check_img_size("TransMorph", self.img_size)
+        return [tuple(n // (self.patch_size * 2 ** i) for n in size)
+                for i in range(len(self.depths))]
+
+    def check_size(self) -> None:
+        """Raises ``ValueError`` if the configuration or ``img_size`` cannot work."""
+        if len(self.depths) != 4 or len(self.num_heads) != 4:
+            raise ValueError(
+                f"TransMorph needs 4 stages: depths and num_heads of length 4, got "
+                f"{tuple(self.depths)} and {tuple(self.num_heads)}")
+        window = tuple(self.window_size)
+        if len(window) != 3 or any(w < 1 for w in window):
+            raise ValueError(f"TransMorph: window_size must be 3 positive ints, got {window}")
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2 ** i) % heads:
+                raise ValueError(
+                    f"TransMorph: stage {i} width {self.embed_dim * 2 ** i} is not "
+                    f"divisible by num_heads[{i}] = {heads}")
+        if self.embed_dim % 2:
+            raise ValueError(f"TransMorph: embed_dim must be even, got {self.embed_dim}")
+        check_divisible("TransMorph", self.img_size, self.patch_size * 8,
+                        f"patch size {self.patch_size}, then 3 patch mergings")
+        for i, size in enumerate(self.stage_sizes()):
+            if any(n % w for n, w in zip(size, window)):
+                raise ValueError(
+                    f"TransMorph: window_size {window} does not tile the stage-{i} grid "
+                    f"{size} (img_size {tuple(self.img_size)} / {self.patch_size * 2 ** i});"
+                    f" every stage grid must be divisible by the window")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """``x``: ``(B, D, H, W, 2)``, moving then fixed."""
+        self.check_size()
+        check_input("TransMorph", x, self.img_size)
+        dtype = self.dtype or jnp.float32
+        deterministic = not train
+        window = tuple(self.window_size)
+        shift = tuple(w // 2 for w in window)
+        x = x.astype(dtype)
+
+        p = self.patch_size
+        h = Conv3D(self.embed_dim, p, p, 0, dtype=dtype, impl=self.conv_impl,
+                   name="patch_embed")(x)
+        h = nn.LayerNorm(_LN_EPS, dtype=dtype, name="patch_norm")(h)
+        h = nn.Dropout(self.drop_rate)(h, deterministic)
+        b = h.shape[0]
+        rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
+        stage_outputs = []
+        for i, (depth, heads, size) in enumerate(
+                zip(self.depths, self.num_heads, self.stage_sizes())):
+            dim = self.embed_dim * 2 ** i
+            tokens = h.reshape(b, -1, dim)
+            for j in range(depth):
+                tokens = SwinBlock(
+                    dim, heads, window, (0, 0, 0) if j % 2 == 0 else shift,
+                    self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
+                    float(rates[sum(self.depths[:i]) + j]), dtype,
+                    name=f"stage{i}_block{j}")(tokens, size, deterministic)
+            h = tokens.reshape(b, *size, dim)
+            stage_outputs.append(nn.LayerNorm(_LN_EPS, dtype=dtype, name=f"norm{i}")(h))
+            if i < len(self.depths) - 1:
+                h = PatchMerging(4, dtype, name=f"merge{i}")(h)
+
+        conv_skip_half = ConvNormAct(self.embed_dim // 2, dtype, self.conv_impl,
+                                     name="c1")(avg_pool3_stride2(x))
+        conv_skip_full = ConvNormAct(self.reg_head_chan, dtype, self.conv_impl, name="c2")(x)
+        skips = [stage_outputs[2], stage_outputs[1], stage_outputs[0], conv_skip_half,
+                 conv_skip_full]
+        widths = [self.embed_dim * 4, self.embed_dim * 2, self.embed_dim,
+                  self.embed_dim // 2, self.reg_head_chan]
+        h = stage_outputs[3]
+        for i, (features, skip) in enumerate(zip(widths, skips)):
+            h = DecoderBlock(features, dtype, self.conv_impl, name=f"up{i}")(h, skip)
+        kernel_init, bias_init = flow_head_init()
+        flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
+                      dtype=dtype, impl=self.conv_impl, name="flow")(h)
+        return finalize_flow(flow, self.diffeomorphic, self.int_steps)

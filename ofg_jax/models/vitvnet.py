@@ -1,0 +1,193 @@
+"""ViT-V-Net (Chen et al. 2021): a ViT bottleneck in a convolutional U-Net."""
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ofg_jax.models.integrate import finalize_flow
+from ofg_jax.models.layers import Conv3D, flow_head_init, torch_dense
+from ofg_jax.models.resample import max_pool2, upsample_linear2
+from ofg_jax.models.sizes import check_divisible, check_input
+
+
+class DoubleConv(nn.Module):
+    """(3x3x3 conv with bias, ReLU) twice."""
+
+    features: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = Conv3D(self.features, 3, 1, 1, dtype=self.dtype, impl=self.conv_impl,
+                       name=f"conv_{i}")(x)
+            x = nn.relu(x)
+        return x
+
+
+class ConvBNReLU(nn.Module):
+    """3x3x3 conv without bias, BatchNorm (PyTorch defaults), ReLU."""
+
+    features: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = Conv3D(self.features, 3, 1, 1, use_bias=False, dtype=self.dtype,
+                   impl=self.conv_impl, name="conv")(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                         dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
+        return nn.relu(x)
+
+
+class DecoderBlock(nn.Module):
+    """Trilinear x2 upsampling, skip concatenation, two ``ConvBNReLU``."""
+
+    features: int
+    dtype: Any = jnp.float32
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, skip, train: bool):
+        x = upsample_linear2(x)
+        if skip is not None:
+            x = jnp.concatenate([x, skip], axis=-1)
+        for i in range(2):
+            x = ConvBNReLU(self.features, self.dtype, self.conv_impl, name=f"conv_{i}")(x, train)
+        return x
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: multi-head self-attention, then a GELU MLP."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_dim: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        """``(B, N, hidden) -> (B, N, hidden)``."""
+        hidden, heads = self.hidden_size, self.num_heads
+        head_dim = hidden // heads
+        b, n, _ = x.shape
+        deterministic = not train
+
+        h = nn.LayerNorm(1e-6, dtype=self.dtype, name="attention_norm")(x)
+        q, k, v = (torch_dense(hidden, hidden, dtype=self.dtype, name=name)(h)
+                   .reshape(b, n, heads, head_dim) for name in ("query", "key", "value"))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(self.dtype)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic)
+        h = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, hidden)
+        h = torch_dense(hidden, hidden, dtype=self.dtype, name="out")(h)
+        x = x + nn.Dropout(self.attention_dropout_rate)(h, deterministic)
+
+        h = nn.LayerNorm(1e-6, dtype=self.dtype, name="ffn_norm")(x)
+        dense = lambda features, name: nn.Dense(
+            features, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(1e-6), name=name)
+        h = nn.gelu(dense(self.mlp_dim, "fc1")(h), approximate=False)
+        h = nn.Dropout(self.dropout_rate)(h, deterministic)
+        h = nn.Dropout(self.dropout_rate)(dense(hidden, "fc2")(h), deterministic)
+        return x + h
+
+
+class ViTVNet(nn.Module):
+    """ViT-V-Net: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement in voxels.
+
+    A CNN encoder (``encoder_channels``: a double conv at full resolution, then
+    max-pool + double conv twice) feeds a ViT on ``patch_size``-cubed patches of
+    its 1/4-resolution features (learned position embeddings, ``num_layers``
+    pre-norm blocks). A conv (``conv_first_channel``) and five decoder blocks
+    (trilinear x2 upsampling, skip concatenation, two conv-BatchNorm-ReLU) lead
+    back to full resolution; skips are the encoder features at 1/16, 1/8 (both
+    max-pooled from 1/4), 1/4, 1/2 and 1. A 3x3x3 flow head initialised
+    ``N(0, 1e-5)``. The defaults have 31,560,079 parameters at 160x192x224.
+
+    Variables: ``params`` and ``batch_stats`` (the decoder's BatchNorm). With
+    ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
+
+    Attributes:
+      img_size: ``(D, H, W)``, each divisible by ``4 * patch_size``.
+      encoder_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim,
+      dropout_rate, attention_dropout_rate, conv_first_channel, decoder_channels:
+      the architecture (defaults: the published configuration; the skip widths
+      follow from ``encoder_channels``: ``(c2, c2, c2, c1, c0)``).
+      diffeomorphic, int_steps, dtype, conv_impl: as in ``VoxelMorph``.
+    """
+
+    img_size: Sequence[int]
+    encoder_channels: Sequence[int] = (16, 32, 32)
+    patch_size: int = 8
+    hidden_size: int = 252
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    conv_first_channel: int = 512
+    decoder_channels: Sequence[int] = (96, 48, 32, 32, 16)
+    diffeomorphic: bool = False
+    int_steps: int = 7
+    dtype: Optional[Any] = None
+    conv_impl: str = "auto"
+
+    def check_size(self) -> None:
+        """Raises ``ValueError`` if the configuration or ``img_size`` cannot work."""
+        if len(self.encoder_channels) != 3:
+            raise ValueError(
+                f"ViTVNet needs 3 encoder_channels, got {tuple(self.encoder_channels)}")
+        if len(self.decoder_channels) != 5:
+            raise ValueError(
+                f"ViTVNet needs 5 decoder_channels, got {tuple(self.decoder_channels)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ViTVNet: hidden_size {self.hidden_size} is not divisible by num_heads "
+                f"{self.num_heads}")
+        check_divisible("ViTVNet", self.img_size, 4 * self.patch_size,
+                        f"two 2x downsamplings, then {self.patch_size}^3 patches")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """``x``: ``(B, D, H, W, 2)``, moving then fixed."""
+        self.check_size()
+        check_input("ViTVNet", x, self.img_size)
+        dtype = self.dtype or jnp.float32
+        impl = self.conv_impl
+        c0, c1, c2 = self.encoder_channels
+
+        x1 = DoubleConv(c0, dtype, impl, name="inc")(x.astype(dtype))
+        x2 = DoubleConv(c1, dtype, impl, name="down1")(max_pool2(x1))
+        feats = DoubleConv(c2, dtype, impl, name="down2")(max_pool2(x2))
+        f8 = max_pool2(feats)
+        skips = [max_pool2(f8), f8, feats, x2, x1]
+
+        p = self.patch_size
+        tokens = Conv3D(self.hidden_size, p, p, 0, dtype=dtype, impl=impl,
+                        name="patch_embeddings")(feats)
+        b, *grid, _ = tokens.shape
+        tokens = tokens.reshape(b, -1, self.hidden_size)
+        pos = self.param("position_embeddings", nn.initializers.zeros,
+                         (1, tokens.shape[1], self.hidden_size), jnp.float32)
+        h = nn.Dropout(self.dropout_rate)(tokens + pos.astype(dtype), not train)
+        for i in range(self.num_layers):
+            h = ViTBlock(self.hidden_size, self.num_heads, self.mlp_dim, self.dropout_rate,
+                         self.attention_dropout_rate, dtype, name=f"layer_{i}")(h, train)
+        h = nn.LayerNorm(1e-6, dtype=dtype, name="encoder_norm")(h)
+
+        h = h.reshape(b, *grid, self.hidden_size)
+        h = ConvBNReLU(self.conv_first_channel, dtype, impl, name="conv_more")(h, train)
+        for i, (features, skip) in enumerate(zip(self.decoder_channels, skips)):
+            h = DecoderBlock(features, dtype, impl, name=f"decoder_{i}")(h, skip, train)
+        kernel_init, bias_init = flow_head_init()
+        flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
+                      dtype=dtype, impl=impl, name="flow")(h)
+        return finalize_flow(flow, self.diffeomorphic, self.int_steps)

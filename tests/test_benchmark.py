@@ -1,0 +1,87 @@
+"""experiments/benchmark.py runs end to end at a tiny size; the plot script reads it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from experiments import benchmark, plot_benchmark  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One benchmark run at 16^3, 2 inner steps, 1 repeat: (JSON record, stdout)."""
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    # Unoptimised XLA code compiles several times faster; this run checks the
+    # plumbing, not the speed.
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"),
+         "--shape", "16,16,16", "--inner-steps", "2", "--repeats", "1",
+         "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+def test_writes_every_key_for_both_frameworks(tiny_run):
+    record, _ = tiny_run
+    assert record["shape"] == [16, 16, 16]
+    assert record["model"] == "voxelmorph" and record["inner_steps"] == 2
+    assert isinstance(record["device"], str) and record["device"]
+    for framework in ("jax", "torch"):
+        result = record[framework]
+        assert "error" not in result, result.get("error")
+        for key in benchmark.TIMED_KEYS + ("peak_mb",):
+            assert math.isfinite(result[key]) and result[key] > 0, (framework, key)
+    assert record["jax"]["compile_s"] > 0
+    assert record["torch"]["compile_s"] is None  # eager
+    assert record["jax"]["ofg_over_unsupervised"] == pytest.approx(
+        record["jax"]["ofg_step_s"] / record["jax"]["unsupervised_step_s"])
+
+
+def test_prints_a_table_with_ratios(tiny_run):
+    record, stdout = tiny_run
+    assert "torch/jax" in stdout
+    ratio = record["torch"]["ofg_step_s"] / record["jax"]["ofg_step_s"]
+    line = next(l for l in stdout.splitlines() if l.strip().startswith("ofg_step_s"))
+    assert f"{ratio:.2f}x" in line
+
+
+def test_plot_from_several_files(tiny_run, tmp_path):
+    record, _ = tiny_run
+    bigger = dict(record, shape=[32, 32, 32])
+    paths = []
+    for i, r in enumerate([record, [bigger]]):
+        paths.append(str(tmp_path / f"run{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(r, f)
+    out = tmp_path / "plot.png"
+    plot_benchmark.main(paths + ["--out", str(out)])
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    voxels, seconds = plot_benchmark.series(plot_benchmark.load_records(paths), "jax",
+                                            "ofg_step_s")
+    assert voxels == (16 ** 3, 32 ** 3) and len(seconds) == 2
+
+
+def test_rejects_a_bad_shape():
+    with pytest.raises(ValueError, match="64,64"):
+        benchmark.parse_shape("64,64")
+    with pytest.raises(ValueError, match="x"):
+        benchmark.parse_shape("64,x,64")
+
+
+def test_median_seconds_warms_up_then_times_each_call():
+    calls = []
+    median, times = benchmark.median_seconds(lambda: calls.append(1), repeats=3,
+                                             warmup=2)
+    assert len(calls) == 5 and len(times) == 3 and median == sorted(times)[1]

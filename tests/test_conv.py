@@ -1,0 +1,165 @@
+"""``conv3d`` / ``Conv3D``: the CPU formulation against XLA, NumPy and PyTorch."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from ofg_jax.models import layers
+from ofg_jax.models.layers import Conv3D, conv3d
+
+# (batch, spatial, c_in, c_out, kernel, stride, padding)
+CASES = [
+    (2, (6, 7, 9), 3, 5, 3, 1, 1),     # the networks' conv, batch > 1, uneven sizes
+    (1, (8, 8, 8), 2, 4, 3, 2, 1),     # VoxelMorph's stride-2 encoder conv
+    (1, (9, 7, 5), 4, 3, 3, 2, 1),     # stride 2 on odd sizes
+    (1, (5, 6, 7), 3, 2, 1, 1, 0),     # 1x1x1
+    (1, (7, 7, 7), 2, 3, 5, 1, 2),     # larger odd kernel
+    (1, (8, 12, 16), 2, 6, 4, 4, 0),   # patch embedding (kernel == stride)
+    (1, (6, 6, 6), 3, 2, 3, 1, 0),     # no fast formulation: falls back to XLA
+]
+
+
+def _numpy_conv3d(x, kernel, stride, padding):
+    """Float64 reference: sum over kernel taps of strided input windows."""
+    x = np.pad(np.asarray(x, np.float64), [(0, 0)] + [(padding, padding)] * 3 + [(0, 0)])
+    kernel = np.asarray(kernel, np.float64)
+    k = kernel.shape[0]
+    out_size = [(n - k) // stride + 1 for n in x.shape[1:4]]
+    out = 0.0
+    for a in range(k):
+        for b in range(k):
+            for c in range(k):
+                window = x[:, a:a + stride * out_size[0]:stride,
+                           b:b + stride * out_size[1]:stride,
+                           c:c + stride * out_size[2]:stride]
+                out = out + window @ kernel[a, b, c]
+    return out
+
+
+def _xla_conv3d(x, kernel, stride, padding):
+    return lax.conv_general_dilated(x, kernel, (stride,) * 3, [(padding, padding)] * 3,
+                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def _inputs(case, seed):
+    batch, spatial, c_in, c_out, k, _, _ = case
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((batch, *spatial, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, k, c_in, c_out)), jnp.float32)
+    return x, kernel
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_matches_numpy_and_xla(case):
+    *_, stride, padding = case
+    x, kernel = _inputs(case, seed=1)
+    fast = jax.jit(lambda x, k: conv3d(x, k, stride, padding, impl="cpu"))(x, kernel)
+    expected = _numpy_conv3d(x, kernel, stride, padding)
+    assert fast.shape == expected.shape
+    assert _rel_err(fast, expected) < 1e-5
+    assert _rel_err(fast, _xla_conv3d(x, kernel, stride, padding)) < 1e-5
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_match_xla(case):
+    *_, stride, padding = case
+    x, kernel = _inputs(case, seed=2)
+    fast = lambda x, k: conv3d(x, k, stride, padding, impl="cpu")
+    reference = lambda x, k: _xla_conv3d(x, k, stride, padding)
+    y, vjp = jax.vjp(fast, x, kernel)
+    cotangent = jnp.asarray(np.random.default_rng(3).standard_normal(y.shape), jnp.float32)
+    dx, dk = jax.jit(vjp)(cotangent)
+    dx_ref, dk_ref = jax.vjp(reference, x, kernel)[1](cotangent)
+    assert _rel_err(dx, dx_ref) < 1e-5
+    assert _rel_err(dk, dk_ref) < 1e-5
+
+
+def test_chunked_loops_match_xla(monkeypatch):
+    """Large volumes go through loops over chunks; force them on a small one."""
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(layers, "_MIN_CHUNK_ROWS", 100)
+    case = (2, (11, 8, 6), 3, 4, 3, 1, 1)
+    x, kernel = _inputs(case, seed=9)
+    fast = lambda x, k: conv3d(x, k, 1, 1, impl="cpu")
+    y, vjp = jax.vjp(fast, x, kernel)
+    cotangent = jnp.asarray(np.random.default_rng(10).standard_normal(y.shape), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(vjp)(cotangent))
+    assert jaxpr.count("while") >= 2  # input and kernel gradients both chunked
+    y_ref, vjp_ref = jax.vjp(lambda x, k: _xla_conv3d(x, k, 1, 1), x, kernel)
+    assert _rel_err(y, y_ref) < 1e-5
+    for got, want in zip(jax.jit(vjp)(cotangent), vjp_ref(cotangent)):
+        assert _rel_err(got, want) < 1e-5
+
+
+def test_second_layer_gradient_through_jit():
+    """Two stacked fast convs: the input gradient of one feeds the other's."""
+    x, k1 = _inputs(CASES[0], seed=4)
+    k2 = jnp.asarray(np.random.default_rng(5).standard_normal((3, 3, 3, 5, 2)), jnp.float32)
+
+    def loss(impl, x, k1, k2):
+        h = jnp.tanh(conv3d(x, k1, 1, 1, impl=impl))
+        return jnp.sum(conv3d(h, k2, 2, 1, impl=impl) ** 2)
+
+    fast = jax.jit(jax.grad(lambda *a: loss("cpu", *a), argnums=(0, 1, 2)))(x, k1, k2)
+    reference = jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2))(x, k1, k2)
+    for got, want in zip(fast, reference):
+        assert _rel_err(got, want) < 1e-5
+
+
+def test_auto_uses_fast_path_for_float32_on_cpu_only():
+    x, kernel = _inputs(CASES[0], seed=6)
+    jaxpr = str(jax.make_jaxpr(lambda x, k: conv3d(x, k, 1, 1))(x, kernel))
+    if jax.default_backend() == "cpu":
+        assert "custom_vjp_call" in jaxpr and "conv_general_dilated" in jaxpr
+    bf16 = str(jax.make_jaxpr(lambda x, k: conv3d(x, k, 1, 1))(
+        x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)))
+    assert "custom_vjp_call" not in bf16
+
+
+def test_invalid_arguments_raise():
+    x, kernel = _inputs(CASES[0], seed=7)
+    with pytest.raises(ValueError, match="C_in"):
+        conv3d(x, kernel[..., :2, :])
+    with pytest.raises(ValueError, match="impl"):
+        conv3d(x, kernel, impl="fast")
+    with pytest.raises(ValueError, match="stride"):
+        conv3d(x, kernel, stride=(1, 1))
+    with pytest.raises(ValueError, match="smaller than kernel"):
+        conv3d(x[:, :2], kernel)
+
+
+def test_module_matches_torch_conv3d():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 8, 6, 10, 3)).astype(np.float32)
+    for stride in (1, 2):
+        module = Conv3D(4, 3, stride, 1)
+        variables = module.init(jax.random.key(stride, impl="rbg"), jnp.asarray(x))
+        got = np.asarray(module.apply(variables, jnp.asarray(x)))
+        ref = torch.nn.Conv3d(3, 4, 3, stride, 1)
+        with torch.no_grad():
+            ref.weight.copy_(torch.from_numpy(
+                np.asarray(variables["params"]["kernel"]).transpose(4, 3, 0, 1, 2).copy()))
+            ref.bias.copy_(torch.from_numpy(np.array(variables["params"]["bias"])))
+            want = ref(torch.from_numpy(x).permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_default_init_is_torch_kaiming_uniform():
+    module = Conv3D(32, 3)
+    params = module.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 3, 3, 3, 32)))["params"]
+    bound = 1.0 / math.sqrt(32 * 27)
+    kernel, bias = np.asarray(params["kernel"]), np.asarray(params["bias"])
+    assert kernel.shape == (3, 3, 3, 32, 32) and bias.shape == (32,)
+    assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+    # U(-b, b) has standard deviation b / sqrt(3); 27648 draws pin it to ~1%.
+    assert abs(kernel.std() / (bound / math.sqrt(3)) - 1) < 0.03

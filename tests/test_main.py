@@ -1,0 +1,153 @@
+"""Tests of the command line: flags, configs, exit codes and messages."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from ofg_jax import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ("demo", "ixi", "oasis", "lpba", "abdomen_ct")
+
+
+def run_cli(*args, cwd=REPO, env=None):
+    """Runs ``python -m ofg_jax.main ARGS``; returns the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "ofg_jax.main", *args], cwd=cwd, capture_output=True,
+        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO),
+                                     **(env or {})})
+
+
+def load_config(name):
+    import importlib
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_hold_the_reference_hyper_parameters(name):
+    config = load_config(name)
+    assert isinstance(config, ml_collections.ConfigDict)
+    assert config.model.name == "voxelmorph"
+    assert config.train.mode == "ofg"
+    assert config.train.reg_weight is None  # = 0.02 in OFG mode.
+    assert config.ofg.reg_weight == 1.0
+    assert config.ofg.optimizer == "amsgrad"
+    if name == "demo":
+        return
+    assert config.data.name == name
+    assert config.train.epochs == 500
+    assert config.train.batch_size == 1
+    assert config.train.learning_rate == 1e-4
+    assert config.ofg.learning_rate == 0.1
+    expected = ("mse", 3) if name == "abdomen_ct" else ("ncc", 10)
+    assert (config.ofg.similarity, config.ofg.steps) == expected
+
+
+def test_without_config_the_demo_is_used():
+    argv = main.with_default_config(["prog", "--workdir=w"])
+    assert argv == ["prog", f"--config={main.DEMO_CONFIG}", "--workdir=w"]
+    assert main.with_default_config(["prog", "--config", "x.py"]) == [
+        "prog", "--config", "x.py"]
+    assert main.DEMO_CONFIG.is_file()
+
+
+def test_unknown_config_key_is_named_and_exits_non_zero():
+    result = run_cli("--config=configs/ixi.py", "--config.train.epoch=3")
+    assert result.returncode == main.EXIT_USAGE
+    assert "unknown config key in --config.train.epoch" in result.stderr
+    assert 'did you mean "epochs"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_key_without_config_flag_uses_the_demo_and_fails_cleanly():
+    result = run_cli("--config.trian.epochs=3")
+    assert result.returncode == main.EXIT_USAGE
+    assert "--config.trian.epochs" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_and_bad_value_exit_non_zero():
+    result = run_cli("--config=configs/nope.py")
+    assert result.returncode == main.EXIT_USAGE
+    assert "config file 'configs/nope.py' not found" in result.stderr
+    result = run_cli("--config=configs/ixi.py", "--config.train.epochs=many")
+    assert result.returncode == main.EXIT_USAGE
+    assert "--config.train.epochs=many" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_such_dir"
+    result = run_cli("--config=configs/ixi.py", f"--config.data.root={missing}",
+                     f"--workdir={tmp_path / 'work'}")
+    assert result.returncode == main.EXIT_FAILURE
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error:")
+
+
+def test_invalid_config_values_exit_non_zero(tmp_path):
+    result = run_cli("--config=configs/demo.py", "--config.train.mode=foo",
+                     f"--workdir={tmp_path}")
+    assert result.returncode == main.EXIT_FAILURE
+    assert "train.mode='foo'" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("--config=configs/demo.py", "--config.model.name=resnet",
+                     f"--workdir={tmp_path}")
+    assert result.returncode == main.EXIT_FAILURE
+    assert "resnet" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# The command line with ``train.train_and_evaluate`` replaced by a stand-in that
+# records its arguments or fails: checks the wiring without training.
+FAKE_TRAIN = """
+import json, os
+from ofg_jax import main, train
+
+def fake(config, workdir):
+    if config.train.mode == "unsupervised":
+        raise train.NonFiniteLossError("non-finite training loss at step 3")
+    with open(os.environ["RECORD"], "w") as f:
+        json.dump({"workdir": workdir, "epochs": config.train.epochs,
+                   "data": config.data.name}, f)
+
+train.train_and_evaluate = fake
+main.run()
+"""
+
+
+def run_fake_cli(*args, cwd, record=""):
+    return subprocess.run(
+        [sys.executable, "-c", FAKE_TRAIN, *args], cwd=cwd, capture_output=True,
+        text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "RECORD": str(record)})
+
+
+def test_flags_reach_training_and_workdir_defaults_to_the_config_name(tmp_path):
+    record = tmp_path / "args.json"
+    result = run_fake_cli("--config.train.epochs=7", cwd=tmp_path, record=record)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(record.read_text()) == {
+        "workdir": os.path.join("workdir", "demo"), "epochs": 7, "data": "synthetic"}
+
+    result = run_fake_cli(f"--config={REPO / 'configs' / 'lpba.py'}",
+                          f"--workdir={tmp_path / 'w'}", cwd=tmp_path, record=record)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(record.read_text()) == {
+        "workdir": str(tmp_path / "w"), "epochs": 500, "data": "lpba"}
+
+
+def test_diverging_run_exits_non_zero_with_one_message(tmp_path):
+    result = run_fake_cli("--config.train.mode=unsupervised", cwd=tmp_path)
+    assert result.returncode == main.EXIT_FAILURE
+    assert result.stderr.strip() == "error: non-finite training loss at step 3"
+    result = run_fake_cli("--config.train.mode=unsupervised", "--traceback",
+                          cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "NonFiniteLossError" in result.stderr

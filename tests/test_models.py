@@ -1,0 +1,308 @@
+"""The registration networks: sizes, outputs, gradients, options, PyTorch parity."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from ofg_jax import models
+from ofg_jax.models.integrate import integrate_velocity
+from ofg_jax.models.resample import (avg_pool3_stride2, max_pool2, upsample_linear2,
+                                     upsample_nearest2)
+from ofg_jax.models.transmorph import (instance_norm, relative_position_index,
+                                       shifted_window_mask, window_partition,
+                                       window_reverse)
+
+SMALL = (32, 32, 32)
+# XLA:CPU compiles threefry slowly (~1 s per initialiser); the tests use the
+# "rbg" generator, whose streams are as good for initialising and dropout.
+KEY = jax.random.key(0, impl="rbg")
+# Reduced widths and depths keep compile and run times small; the structure
+# (every block type, skip and norm) is the published one.
+SMALL_OVERRIDES = {
+    "voxelmorph": {},
+    "vitvnet": dict(encoder_channels=(8, 8, 8), patch_size=4, hidden_size=24,
+                    num_layers=2, num_heads=2, mlp_dim=32, conv_first_channel=16,
+                    decoder_channels=(16, 16, 8, 8, 8)),
+    "transmorph": dict(patch_size=2, embed_dim=12, depths=(2, 2, 2, 2),
+                       num_heads=(1, 1, 2, 2), window_size=(2, 2, 2), reg_head_chan=8),
+}
+
+
+def _count(model, size):
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, *size, 2), jnp.float32))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("name, size, overrides, expected", [
+    ("voxelmorph", (160, 192, 224), {}, 274_387),
+    ("vitvnet", (160, 192, 224), {}, 31_560_079),
+    ("transmorph", (160, 192, 224), {}, 46_771_251),
+    ("transmorph", (160, 192, 160), dict(window_size=(5, 6, 5)), 46_745_907),
+])
+def test_parameter_counts_match_reference(name, size, overrides, expected):
+    assert _count(models.create(name, size, **overrides), size) == expected
+
+
+def test_create_rejects_unknown_name_and_option():
+    with pytest.raises(ValueError, match="voxelmorph, vitvnet, transmorph"):
+        models.create("unet", SMALL)
+    with pytest.raises(ValueError, match="window"):
+        models.create("voxelmorph", SMALL, window_size=(2, 2, 2))
+    assert models.NAMES == ("voxelmorph", "vitvnet", "transmorph")
+
+
+@pytest.mark.parametrize("name, size, overrides, message", [
+    ("voxelmorph", (40, 32, 32), {}, "divisible by 16"),
+    ("vitvnet", (48, 32, 32), {}, "divisible by 32"),
+    ("transmorph", (48, 64, 64), {}, "divisible by 32"),
+    ("transmorph", (64, 64, 64), {}, "does not tile the stage-0 grid"),
+    ("transmorph", (96, 96, 96), dict(window_size=(2, 2, 2)), "does not tile the stage-3"),
+    ("transmorph", (64, 64), {}, "3 positive ints"),
+])
+def test_impossible_sizes_raise_before_tracing(name, size, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        models.create(name, size, **overrides)
+
+
+def test_input_of_wrong_size_raises():
+    model = models.create("voxelmorph", SMALL)
+    with pytest.raises(ValueError, match="expects input"):
+        jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                       jax.ShapeDtypeStruct((1, 16, 32, 32, 2), jnp.float32))
+
+
+def _pair(seed, size=SMALL, batch=1):
+    """A smooth random image pair ``(B, *size, 2)``."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal((batch, *size, 2))
+    smooth = scipy.ndimage.gaussian_filter(noise, (0, 2, 2, 2, 0))
+    return jnp.asarray(smooth / smooth.std(), jnp.float32)
+
+
+@pytest.fixture(scope="module", params=models.NAMES)
+def small_model(request):
+    """``(name, model, variables)`` for the small configuration."""
+    name = request.param
+    model = models.create(name, SMALL, **SMALL_OVERRIDES[name])
+    variables = jax.jit(model.init)(KEY, _pair(0))
+    return name, model, variables
+
+
+def test_output_shape_dtype_and_near_zero_at_init(small_model):
+    _, model, variables = small_model
+    x = _pair(1, batch=2)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    flow = apply(variables, x)
+    assert flow.shape == (2, *SMALL, 3) and flow.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(flow)))
+    # Flow head N(0, 1e-5): an untrained network moves voxels by << 1 voxel.
+    assert 0 < float(jnp.abs(flow).max()) < 1e-2
+    np.testing.assert_array_equal(np.asarray(apply(variables, x)), np.asarray(flow))
+
+
+def test_gradients_reach_every_parameter(small_model):
+    name, model, variables = small_model
+    x = _pair(2)
+    weights = jnp.asarray(np.random.default_rng(3).standard_normal((1, *SMALL, 3)),
+                          jnp.float32)
+    rest = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(params):
+        return jnp.sum(model.apply({"params": params, **rest}, x) * weights)
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert len(flat) == len(jax.tree.leaves(variables["params"]))
+    dead = [jax.tree_util.keystr(path) for path, g in flat
+            if not float(jnp.abs(g).max()) > 0 or not bool(jnp.all(jnp.isfinite(g)))]
+    assert not dead, f"{name}: zero or non-finite gradient for {dead}"
+
+
+def test_train_mode_uses_dropout_rng_and_batch_stats(small_model):
+    name, model, variables = small_model
+    x = _pair(4)
+    mutable = ["batch_stats"] if "batch_stats" in variables else False
+
+    def run(seed):
+        out = model.apply(variables, x, train=True, rngs={"dropout": jax.random.fold_in(KEY, seed)},
+                          mutable=mutable)
+        return out if mutable else (out, {})
+
+    (a, updates), (b, _) = run(0), run(1)
+    assert a.shape == (1, *SMALL, 3) and bool(jnp.all(jnp.isfinite(a)))
+    if name == "voxelmorph":  # no dropout: train=True is the same function
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:  # dropout (ViT-V-Net) or drop path (TransMorph)
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+    if mutable:
+        old, new = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updates)
+        assert any(not np.allclose(o, n) for o, n in zip(old, new))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_output():
+    model32 = models.create("voxelmorph", SMALL)
+    model16 = models.create("voxelmorph", SMALL, dtype=jnp.bfloat16)
+    x = _pair(5)
+    variables = jax.jit(model16.init)(KEY, x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    # A larger head than at init, so that the comparison sees the whole network.
+    params = dict(variables["params"])
+    params["flow"] = {"kernel": params["flow"]["kernel"] * 1e4, "bias": params["flow"]["bias"]}
+    flow16 = jax.jit(model16.apply)({"params": params}, x)
+    flow32 = jax.jit(model32.apply)({"params": params}, x)
+    assert flow16.dtype == jnp.float32
+    scale = float(jnp.abs(flow32).max())
+    assert float(jnp.abs(flow16 - flow32).max()) < 0.05 * scale
+
+
+def test_diffeomorphic_output_integrates_the_plain_output():
+    plain = models.create("voxelmorph", SMALL)
+    diffeo = models.create("voxelmorph", SMALL, diffeomorphic=True)
+    x = _pair(6)
+    variables = jax.jit(plain.init)(KEY, x)
+    params = dict(variables["params"])
+    params["flow"] = {"kernel": params["flow"]["kernel"] * 1e5, "bias": params["flow"]["bias"]}
+    velocity = jax.jit(plain.apply)({"params": params}, x)
+    disp = jax.jit(diffeo.apply)({"params": params}, x)
+    assert bool(jnp.all(jnp.isfinite(disp)))
+    assert float(jnp.abs(velocity).max()) > 0.5  # a real deformation, not ~0
+    np.testing.assert_allclose(np.asarray(disp), np.asarray(integrate_velocity(velocity)),
+                               atol=1e-5)
+
+
+def _smooth_field(seed, size, amplitude):
+    rng = np.random.default_rng(seed)
+    field = scipy.ndimage.gaussian_filter(rng.standard_normal((*size, 3)), (3, 3, 3, 0))
+    return amplitude * field / np.abs(field).max()
+
+
+def _numpy_scaling_and_squaring(velocity, steps):
+    """Float64 reference with SciPy's zero-padded linear interpolation."""
+    disp = velocity / 2 ** steps
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in velocity.shape[:3]],
+                                indexing="ij"), axis=0)
+    for _ in range(steps):
+        coords = grid + np.moveaxis(disp, -1, 0)
+        warped = np.stack([scipy.ndimage.map_coordinates(disp[..., k], coords, order=1,
+                                                         mode="grid-constant", cval=0.0)
+                           for k in range(3)], axis=-1)
+        disp = disp + warped
+    return disp
+
+
+def test_integrate_velocity_matches_numpy_reference():
+    velocity = _smooth_field(7, (12, 14, 10), amplitude=3.0)
+    got = integrate_velocity(jnp.asarray(velocity[None], jnp.float32))[0]
+    want = _numpy_scaling_and_squaring(velocity, 7)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_integrated_fields_of_v_and_minus_v_are_inverse():
+    from ofg_jax import warp
+    velocity = jnp.asarray(_smooth_field(8, (24, 24, 24), amplitude=2.0)[None], jnp.float32)
+    forward = integrate_velocity(velocity)[0]
+    backward = integrate_velocity(-velocity)[0]
+    # x -> x + f(x) -> x + f(x) + b(x + f(x)) should come back to x.
+    residual = forward + warp(backward, forward)
+    interior = (slice(6, -6),) * 3
+    assert float(jnp.abs(forward).max()) > 1.0
+    assert float(jnp.abs(residual[interior]).max()) < 0.05
+
+
+def test_voxelmorph_matches_pytorch_unet():
+    torch = pytest.importorskip("torch")
+    nn, functional = torch.nn, torch.nn.functional
+    size = (16, 16, 32)
+    model = models.create("voxelmorph", size)
+    x = _pair(9, size)
+    params = jax.jit(model.init)(KEY, x)["params"]
+    params = dict(params, flow={"kernel": params["flow"]["kernel"] * 1e4,
+                                "bias": params["flow"]["bias"] + 0.1})
+
+    def conv(name, c_in, c_out, stride):
+        layer = nn.Conv3d(c_in, c_out, 3, stride, 1)
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(
+                np.asarray(params[name]["kernel"]).transpose(4, 3, 0, 1, 2).copy()))
+            layer.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+        return layer
+
+    enc = [conv(f"enc_{i}", c_in, c_out, 2)
+           for i, (c_in, c_out) in enumerate([(2, 8), (8, 32), (32, 32), (32, 32)])]
+    dec = [conv(f"dec_{i}", c_in, 32, 1) for i, c_in in enumerate([32, 64, 64, 40])]
+    final = [conv(f"final_{i}", c_in, c_out, 1)
+             for i, (c_in, c_out) in enumerate([(34, 32), (32, 8), (8, 8)])]
+    head = conv("flow", 8, 3, 1)
+
+    with torch.no_grad():
+        h = torch.from_numpy(np.asarray(x)).permute(0, 4, 1, 2, 3)
+        skips = [h]
+        for layer in enc:
+            h = functional.leaky_relu(layer(h), 0.2)
+            skips.append(h)
+        skips.pop()
+        for layer in dec:
+            h = functional.leaky_relu(layer(h), 0.2)
+            h = torch.cat([functional.interpolate(h, scale_factor=2, mode="nearest"),
+                           skips.pop()], dim=1)
+        for layer in final:
+            h = functional.leaky_relu(layer(h), 0.2)
+        want = head(h).permute(0, 2, 3, 4, 1).numpy()
+    got = np.asarray(jax.jit(model.apply)({"params": params}, x))
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() * 10)
+
+
+@pytest.mark.parametrize("size", [(4, 6, 8), (5, 3, 7)])
+def test_resampling_matches_pytorch(size):
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    x = np.random.default_rng(10).standard_normal((2, *size, 3)).astype(np.float32)
+    tx = torch.from_numpy(x).permute(0, 4, 1, 2, 3)
+    back = lambda t: t.permute(0, 2, 3, 4, 1).numpy()
+    cases = [
+        (upsample_linear2, functional.interpolate(tx, scale_factor=2, mode="trilinear",
+                                                  align_corners=False)),
+        (upsample_nearest2, functional.interpolate(tx, scale_factor=2, mode="nearest")),
+        (max_pool2, functional.max_pool3d(tx, 2)),
+        (avg_pool3_stride2, functional.avg_pool3d(tx, 3, 2, 1)),
+        (instance_norm, functional.instance_norm(tx, eps=1e-5)),
+    ]
+    for fn, want in cases:
+        np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), back(want),
+                                   rtol=1e-5, atol=1e-5, err_msg=fn.__name__)
+
+
+def test_window_partition_round_trip_and_relative_index():
+    x = jnp.arange(2 * 4 * 6 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 6, 4, 3)
+    windows = window_partition(x, (2, 3, 2))
+    assert windows.shape == (2 * 2 * 2 * 2, 12, 3)
+    np.testing.assert_array_equal(np.asarray(window_reverse(windows, (2, 3, 2), (4, 6, 4))),
+                                  np.asarray(x))
+    # The first window holds the voxels [0:2, 0:3, 0:2] of sample 0 in C order.
+    np.testing.assert_array_equal(np.asarray(windows[0]),
+                                  np.asarray(x[0, :2, :3, :2].reshape(12, 3)))
+    window = (2, 3, 4)
+    index = relative_position_index(window)
+    coords = np.stack(np.unravel_index(np.arange(24), window), axis=-1)
+    offsets = coords[:, None] - coords[None, :] + np.asarray(window) - 1
+    expected = np.ravel_multi_index(tuple(np.moveaxis(offsets, -1, 0)),
+                                    tuple(2 * w - 1 for w in window))
+    np.testing.assert_array_equal(index, expected)
+
+
+def test_shifted_window_mask_separates_wrapped_regions():
+    size, window, shift = (4, 6, 8), (2, 3, 4), (1, 1, 2)
+    mask = shifted_window_mask(size, window, shift)
+    # After rolling by -shift, position q along an axis of length n came from
+    # across the border iff q >= n - shift; within a window, two tokens may attend
+    # to each other iff they agree on that for every axis.
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in size], indexing="ij"), axis=-1)
+    wrapped = grid >= np.asarray(size) - np.asarray(shift)
+    code = np.asarray(window_partition((wrapped @ np.asarray([1, 2, 4]))[None, ..., None]
+                                       .astype(np.float32), window))[..., 0]
+    expected = np.where(code[:, :, None] == code[:, None, :], 0.0, -100.0)
+    np.testing.assert_array_equal(mask, expected)
