@@ -58,7 +58,7 @@ def make_jax_entry(name, size, conv_impl="auto", overrides=None):
     variables = jax.jit(model.init)(key, x)
     params = variables["params"]
     rest = {k: v for k, v in variables.items() if k != "params"}
-    mutable = list(rest)
+    mutable = list(rest) or False  # ViT-V-Net's BatchNorm statistics
 
     @jax.jit
     def forward(params, x):

@@ -20,6 +20,7 @@ With several ``--models`` the file holds a list of such records.
 """
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -252,7 +253,12 @@ def jax_step_breakdown(model, params, moving, fixed, inner_steps: int, repeats: 
 
 def run_torch(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
               warmup: int, compile_model: bool) -> dict:
-    """Times the eager (or ``torch.compile``-d) PyTorch baseline."""
+    """Times the eager PyTorch baseline.
+
+    With ``compile_model`` the network and the inner energy (warp, NCC, Grad) are
+    ``torch.compile``-d; the optimisers and the inner loop stay eager. Its
+    ``compile_s`` is the excess of the first calls over the medians.
+    """
     import torch
     from experiments import torch_baseline as tb
 
@@ -338,13 +344,18 @@ def spawn_worker(framework: str, model_name: str, args) -> dict:
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
         if args.breakdown:
             command.append("--breakdown")
-        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-        sys.stderr.write(proc.stderr)
+        # The worker's log is passed through as it comes; its last line names the
+        # exception if the worker fails.
+        last_lines = collections.deque(maxlen=20)
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                if line.strip():
+                    last_lines.append(line.strip())
         if proc.returncode != 0 or not os.path.exists(out):
-            lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-            return {"error": lines[-1] if lines else f"exit status {proc.returncode}",
-                    "returncode": proc.returncode}
+            return {"error": last_lines[-1] if last_lines else
+                    f"exit status {proc.returncode}", "returncode": proc.returncode}
         with open(out) as f:
             return json.load(f)
 

@@ -85,3 +85,17 @@ def test_median_seconds_warms_up_then_times_each_call():
     median, times = benchmark.median_seconds(lambda: calls.append(1), repeats=3,
                                              warmup=2)
     assert len(calls) == 5 and len(times) == 3 and median == sorted(times)[1]
+
+
+def test_a_failing_framework_is_reported_not_fatal(tmp_path):
+    out = tmp_path / "bad.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"),
+         "--shape", "16,16,16", "--models", "no_such_net", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        record = json.load(f)
+    assert "no_such_net" in record["jax"]["error"]
+    assert "no_such_net" in record["torch"]["error"]
+    assert "jax failed" in proc.stdout

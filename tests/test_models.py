@@ -1,5 +1,7 @@
 """The registration networks: sizes, outputs, gradients, options, PyTorch parity."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,23 +12,28 @@ from ofg_jax import models
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.models.resample import (avg_pool3_stride2, max_pool2, upsample_linear2,
                                      upsample_nearest2)
-from ofg_jax.models.transmorph import (instance_norm, relative_position_index,
-                                       shifted_window_mask, window_partition,
-                                       window_reverse)
+from ofg_jax.models.transmorph import (WindowAttention, instance_norm,
+                                       relative_position_index, shifted_window_mask,
+                                       window_partition, window_reverse)
 
 SMALL = (32, 32, 32)
 # XLA:CPU compiles threefry slowly (~1 s per initialiser); the tests use the
 # "rbg" generator, whose streams are as good for initialising and dropout.
 KEY = jax.random.key(0, impl="rbg")
 # Reduced widths and depths keep compile and run times small; the structure
-# (every block type, skip and norm) is the published one.
+# (every block type, skip and norm) is the published one. Sizes give every
+# attention more than one token: ViT-V-Net's token grid is 1/32 of the volume,
+# TransMorph's last stage 1/32 with 2x2x2 windows.
+SMALL_SIZES = {"voxelmorph": SMALL, "vitvnet": (64, 32, 32), "transmorph": (64, 64, 64)}
 SMALL_OVERRIDES = {
     "voxelmorph": {},
-    "vitvnet": dict(encoder_channels=(8, 8, 8), patch_size=4, hidden_size=24,
-                    num_layers=2, num_heads=2, mlp_dim=32, conv_first_channel=16,
+    "vitvnet": dict(encoder_channels=(8, 8, 8), hidden_size=24, num_layers=1,
+                    num_heads=2, mlp_dim=32, conv_first_channel=16,
                     decoder_channels=(16, 16, 8, 8, 8)),
-    "transmorph": dict(patch_size=2, embed_dim=12, depths=(2, 2, 2, 2),
-                       num_heads=(1, 1, 2, 2), window_size=(2, 2, 2), reg_head_chan=8),
+    # The shifted-window block sits in stage 0: at 64^3 the last stage's grid is
+    # one 2x2x2 window, where shifting leaves every token alone in its region.
+    "transmorph": dict(embed_dim=12, depths=(2, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                       window_size=(2, 2, 2), reg_head_chan=8),
 }
 
 
@@ -82,31 +89,45 @@ def _pair(seed, size=SMALL, batch=1):
     return jnp.asarray(smooth / smooth.std(), jnp.float32)
 
 
-@pytest.fixture(scope="module", params=models.NAMES)
+@functools.lru_cache(maxsize=None)
+def _small(name):
+    """``(model, variables, size)`` of the small configuration, initialised once."""
+    size = SMALL_SIZES[name]
+    model = models.create(name, size, **SMALL_OVERRIDES[name])
+    return model, jax.jit(model.init)(KEY, _pair(0, size)), size
+
+
+@functools.lru_cache(maxsize=None)
+def _small_apply(name):
+    """The jitted ``train=False`` forward ``(variables, x) -> flow``, compiled once."""
+    model = _small(name)[0]
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+@pytest.fixture(params=models.NAMES)
 def small_model(request):
-    """``(name, model, variables)`` for the small configuration."""
-    name = request.param
-    model = models.create(name, SMALL, **SMALL_OVERRIDES[name])
-    variables = jax.jit(model.init)(KEY, _pair(0))
-    return name, model, variables
+    return (request.param, *_small(request.param))
 
 
 def test_output_shape_dtype_and_near_zero_at_init(small_model):
-    _, model, variables = small_model
-    x = _pair(1, batch=2)
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    name, _, variables, size = small_model
+    x = _pair(1, size, batch=2)
+    apply = _small_apply(name)
     flow = apply(variables, x)
-    assert flow.shape == (2, *SMALL, 3) and flow.dtype == jnp.float32
+    assert flow.shape == (2, *size, 3) and flow.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(flow)))
-    # Flow head N(0, 1e-5): an untrained network moves voxels by << 1 voxel.
+    # Flow head N(0, 1e-5), bias 0: an untrained network moves voxels by << 1 voxel.
+    head = variables["params"]["flow"]
+    assert not np.any(np.asarray(head["bias"]))
+    assert 0.5e-5 < float(jnp.std(head["kernel"])) < 2e-5
     assert 0 < float(jnp.abs(flow).max()) < 1e-2
     np.testing.assert_array_equal(np.asarray(apply(variables, x)), np.asarray(flow))
 
 
 def test_gradients_reach_every_parameter(small_model):
-    name, model, variables = small_model
-    x = _pair(2)
-    weights = jnp.asarray(np.random.default_rng(3).standard_normal((1, *SMALL, 3)),
+    name, model, variables, size = small_model
+    x = _pair(2, size)
+    weights = jnp.asarray(np.random.default_rng(3).standard_normal((1, *size, 3)),
                           jnp.float32)
     rest = {k: v for k, v in variables.items() if k != "params"}
 
@@ -121,56 +142,55 @@ def test_gradients_reach_every_parameter(small_model):
     assert not dead, f"{name}: zero or non-finite gradient for {dead}"
 
 
-def test_train_mode_uses_dropout_rng_and_batch_stats(small_model):
-    name, model, variables = small_model
-    x = _pair(4)
-    mutable = ["batch_stats"] if "batch_stats" in variables else False
-
-    def run(seed):
-        out = model.apply(variables, x, train=True, rngs={"dropout": jax.random.fold_in(KEY, seed)},
-                          mutable=mutable)
-        return out if mutable else (out, {})
-
-    (a, updates), (b, _) = run(0), run(1)
-    assert a.shape == (1, *SMALL, 3) and bool(jnp.all(jnp.isfinite(a)))
-    if name == "voxelmorph":  # no dropout: train=True is the same function
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    else:  # dropout (ViT-V-Net) or drop path (TransMorph)
-        assert not np.array_equal(np.asarray(a), np.asarray(b))
-    if mutable:
+@pytest.mark.parametrize("name", ["vitvnet", "transmorph"])
+def test_train_mode_uses_dropout_rng_and_batch_stats(name):
+    model, variables, size = _small(name)
+    x = _pair(4, size)
+    mutable = ["batch_stats"] if "batch_stats" in variables else []
+    run = jax.jit(lambda key: model.apply(variables, x, train=True,
+                                          rngs={"dropout": key}, mutable=mutable))
+    (a, updates), (b, _) = run(jax.random.fold_in(KEY, 1)), run(jax.random.fold_in(KEY, 2))
+    assert a.shape == (1, *size, 3) and bool(jnp.all(jnp.isfinite(a)))
+    # Dropout (ViT-V-Net) or drop path (TransMorph) draws from the "dropout" rng.
+    assert not np.array_equal(np.asarray(a), np.asarray(b))
+    if mutable:  # BatchNorm's running statistics move in training mode
         old, new = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updates)
-        assert any(not np.allclose(o, n) for o, n in zip(old, new))
+        assert len(old) == len(new) and not all(np.allclose(o, n) for o, n in zip(old, new))
+
+
+def _with_large_head(params, scale):
+    """``params`` with the flow head scaled up from its ~0 initialisation."""
+    return dict(params, flow={"kernel": params["flow"]["kernel"] * scale,
+                              "bias": params["flow"]["bias"]})
 
 
 def test_bfloat16_compute_keeps_float32_params_and_output():
-    model32 = models.create("voxelmorph", SMALL)
+    _, variables, _ = _small("voxelmorph")
     model16 = models.create("voxelmorph", SMALL, dtype=jnp.bfloat16)
-    x = _pair(5)
-    variables = jax.jit(model16.init)(KEY, x)
-    assert {leaf.dtype for leaf in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    x = _pair(5, batch=2)
+    shapes = jax.eval_shape(model16.init, KEY, x)
+    assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(jnp.shape, variables)
     # A larger head than at init, so that the comparison sees the whole network.
-    params = dict(variables["params"])
-    params["flow"] = {"kernel": params["flow"]["kernel"] * 1e4, "bias": params["flow"]["bias"]}
+    params = _with_large_head(variables["params"], 1e4)
     flow16 = jax.jit(model16.apply)({"params": params}, x)
-    flow32 = jax.jit(model32.apply)({"params": params}, x)
+    flow32 = _small_apply("voxelmorph")({"params": params}, x)
     assert flow16.dtype == jnp.float32
     scale = float(jnp.abs(flow32).max())
     assert float(jnp.abs(flow16 - flow32).max()) < 0.05 * scale
 
 
 def test_diffeomorphic_output_integrates_the_plain_output():
-    plain = models.create("voxelmorph", SMALL)
+    _, variables, _ = _small("voxelmorph")
     diffeo = models.create("voxelmorph", SMALL, diffeomorphic=True)
-    x = _pair(6)
-    variables = jax.jit(plain.init)(KEY, x)
-    params = dict(variables["params"])
-    params["flow"] = {"kernel": params["flow"]["kernel"] * 1e5, "bias": params["flow"]["bias"]}
-    velocity = jax.jit(plain.apply)({"params": params}, x)
+    x = _pair(6, batch=2)
+    params = _with_large_head(variables["params"], 1e5)
+    velocity = _small_apply("voxelmorph")({"params": params}, x)
     disp = jax.jit(diffeo.apply)({"params": params}, x)
     assert bool(jnp.all(jnp.isfinite(disp)))
     assert float(jnp.abs(velocity).max()) > 0.5  # a real deformation, not ~0
-    np.testing.assert_allclose(np.asarray(disp), np.asarray(integrate_velocity(velocity)),
-                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(disp),
+                               np.asarray(jax.jit(integrate_velocity)(velocity)), atol=1e-5)
 
 
 def _smooth_field(seed, size, amplitude):
@@ -195,7 +215,7 @@ def _numpy_scaling_and_squaring(velocity, steps):
 
 def test_integrate_velocity_matches_numpy_reference():
     velocity = _smooth_field(7, (12, 14, 10), amplitude=3.0)
-    got = integrate_velocity(jnp.asarray(velocity[None], jnp.float32))[0]
+    got = jax.jit(integrate_velocity)(jnp.asarray(velocity[None], jnp.float32))[0]
     want = _numpy_scaling_and_squaring(velocity, 7)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
 
@@ -203,10 +223,14 @@ def test_integrate_velocity_matches_numpy_reference():
 def test_integrated_fields_of_v_and_minus_v_are_inverse():
     from ofg_jax import warp
     velocity = jnp.asarray(_smooth_field(8, (24, 24, 24), amplitude=2.0)[None], jnp.float32)
-    forward = integrate_velocity(velocity)[0]
-    backward = integrate_velocity(-velocity)[0]
-    # x -> x + f(x) -> x + f(x) + b(x + f(x)) should come back to x.
-    residual = forward + warp(backward, forward)
+
+    @jax.jit
+    def round_trip(velocity):
+        forward, backward = integrate_velocity(jnp.concatenate([velocity, -velocity]))
+        # x -> x + f(x) -> x + f(x) + b(x + f(x)) should come back to x.
+        return forward, forward + warp(backward, forward)
+
+    forward, residual = round_trip(velocity)
     interior = (slice(6, -6),) * 3
     assert float(jnp.abs(forward).max()) > 1.0
     assert float(jnp.abs(residual[interior]).max()) < 0.05
@@ -215,19 +239,16 @@ def test_integrated_fields_of_v_and_minus_v_are_inverse():
 def test_voxelmorph_matches_pytorch_unet():
     torch = pytest.importorskip("torch")
     nn, functional = torch.nn, torch.nn.functional
-    size = (16, 16, 32)
-    model = models.create("voxelmorph", size)
-    x = _pair(9, size)
-    params = jax.jit(model.init)(KEY, x)["params"]
-    params = dict(params, flow={"kernel": params["flow"]["kernel"] * 1e4,
-                                "bias": params["flow"]["bias"] + 0.1})
+    _, variables, size = _small("voxelmorph")
+    x = _pair(9, size, batch=2)
+    params = _with_large_head(variables["params"], 1e4)
 
     def conv(name, c_in, c_out, stride):
         layer = nn.Conv3d(c_in, c_out, 3, stride, 1)
         with torch.no_grad():
             layer.weight.copy_(torch.from_numpy(
                 np.asarray(params[name]["kernel"]).transpose(4, 3, 0, 1, 2).copy()))
-            layer.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+            layer.bias.copy_(torch.from_numpy(np.array(params[name]["bias"])))
         return layer
 
     enc = [conv(f"enc_{i}", c_in, c_out, 2)
@@ -238,7 +259,7 @@ def test_voxelmorph_matches_pytorch_unet():
     head = conv("flow", 8, 3, 1)
 
     with torch.no_grad():
-        h = torch.from_numpy(np.asarray(x)).permute(0, 4, 1, 2, 3)
+        h = torch.from_numpy(np.array(x)).permute(0, 4, 1, 2, 3)
         skips = [h]
         for layer in enc:
             h = functional.leaky_relu(layer(h), 0.2)
@@ -251,7 +272,7 @@ def test_voxelmorph_matches_pytorch_unet():
         for layer in final:
             h = functional.leaky_relu(layer(h), 0.2)
         want = head(h).permute(0, 2, 3, 4, 1).numpy()
-    got = np.asarray(jax.jit(model.apply)({"params": params}, x))
+    got = np.asarray(_small_apply("voxelmorph")({"params": params}, x))
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max() * 10)
 
@@ -306,3 +327,30 @@ def test_shifted_window_mask_separates_wrapped_regions():
                                        .astype(np.float32), window))[..., 0]
     expected = np.where(code[:, :, None] == code[:, None, :], 0.0, -100.0)
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_window_attention_matches_pytorch():
+    """Masked window attention with relative position bias, written out in PyTorch."""
+    torch = pytest.importorskip("torch")
+    window, heads, dim, batch = (2, 3, 2), 2, 8, 2
+    size, shift = (4, 6, 4), (1, 1, 1)
+    mask = shifted_window_mask(size, window, shift)
+    n_windows, n = mask.shape[0], mask.shape[1]
+    x = np.random.default_rng(11).standard_normal((batch * n_windows, n, dim)).astype(np.float32)
+    module = WindowAttention(dim, window, heads, qkv_bias=False, attn_drop_rate=0.0,
+                             proj_drop_rate=0.0)
+    params = module.init(KEY, jnp.asarray(x), mask, True)["params"]
+    got = module.apply({"params": params}, jnp.asarray(x), mask, True)
+
+    t = lambda a: torch.from_numpy(np.array(a, np.float64))
+    q, k, v = torch.split(t(x) @ t(params["qkv"]["kernel"]), dim, dim=-1)
+    split = lambda z: z.reshape(batch * n_windows, n, heads, dim // heads).transpose(1, 2)
+    q, k, v = split(q) / (dim // heads) ** 0.5, split(k), split(v)
+    logits = q @ k.transpose(-1, -2)                        # (B*nW, heads, N, N)
+    table = t(params["relative_position_bias_table"])
+    bias = table[torch.from_numpy(relative_position_index(window))]  # (N, N, heads)
+    logits = logits + bias.permute(2, 0, 1)
+    logits = logits + t(mask).repeat(batch, 1, 1)[:, None]
+    out = (torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(batch * n_windows, n, dim)
+    want = out @ t(params["proj"]["kernel"]) + t(params["proj"]["bias"])
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-5)

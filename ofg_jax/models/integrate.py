@@ -23,9 +23,7 @@ def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
         raise ValueError(f"steps must be >= 0, got {steps}")
     disp = velocity * (1.0 / 2 ** steps)
     compose = jax.vmap(lambda d: d + warp(d, d))
-    for _ in range(steps):
-        disp = compose(disp)
-    return disp
+    return jax.lax.fori_loop(0, steps, lambda _, d: compose(d), disp)
 
 
 def finalize_flow(flow: jax.Array, diffeomorphic: bool, int_steps: int) -> jax.Array:

@@ -13,6 +13,7 @@ from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
 from ofg_jax.models.sizes import check_divisible, check_img_size, check_input
 
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
+PATCH_SIZE = 4  # fixed: the decoder's conv skips sit at 1/2 and full resolution
 
 
 # ---------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class DecoderBlock(nn.Module):
 class TransMorph(nn.Module):
     """TransMorph: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement in voxels.
 
-    Swin encoder: a ``patch_size``-cubed patch embedding (conv + LayerNorm), four
+    Swin encoder: a 4x4x4 patch embedding (conv + LayerNorm), four
     stages of ``depths`` (shifted-)window blocks with ``num_heads`` heads and
     relative position bias, patch merging (8C -> 2C) between stages, a LayerNorm
     on each stage's output. Decoder: five blocks (trilinear x2 upsampling, skip
@@ -247,18 +248,17 @@ class TransMorph(nn.Module):
     160x192x224; window (5, 6, 5) at 160x192x160 (LPBA) has 46,745,907.
 
     Attributes:
-      img_size: ``(D, H, W)``; each axis divisible by ``patch_size * 8``, and every
-        stage's grid (``img_size / patch_size / 2**i``) divisible by ``window``.
-        For small grids pass a smaller window, e.g. ``window_size=(2, 2, 2)`` at
-        64^3 or ``(3, 3, 3)`` at 96^3.
-      patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
+      img_size: ``(D, H, W)``; each axis divisible by 32 (4^3 patches, then 3
+        patch mergings), and every stage's grid (``img_size / 4 / 2**i``)
+        divisible by ``window_size``. For small volumes pass a smaller window,
+        e.g. ``window_size=(2, 2, 2)`` at 64^3 or ``(3, 3, 3)`` at 96^3.
+      embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
       drop_rate, attn_drop_rate, drop_path_rate, reg_head_chan: the architecture
         (defaults: the published configuration).
       diffeomorphic, int_steps, dtype, conv_impl: as in ``VoxelMorph``.
     """
 
     img_size: Sequence[int]
-    patch_size: int = 4
     embed_dim: int = 96
     depths: Sequence[int] = (2, 2, 4, 2)
     num_heads: Sequence[int] = (4, 4, 8, 8)
@@ -277,7 +277,7 @@ class TransMorph(nn.Module):
     def stage_sizes(self) -> list[tuple[int, int, int]]:
         """The token grid of each Swin stage."""
         size = check_img_size("TransMorph", self.img_size)
-        return [tuple(n // (self.patch_size * 2 ** i) for n in size)
+        return [tuple(n // (PATCH_SIZE * 2 ** i) for n in size)
                 for i in range(len(self.depths))]
 
     def check_size(self) -> None:
@@ -296,13 +296,13 @@ class TransMorph(nn.Module):
                     f"divisible by num_heads[{i}] = {heads}")
         if self.embed_dim % 2:
             raise ValueError(f"TransMorph: embed_dim must be even, got {self.embed_dim}")
-        check_divisible("TransMorph", self.img_size, self.patch_size * 8,
-                        f"patch size {self.patch_size}, then 3 patch mergings")
+        check_divisible("TransMorph", self.img_size, PATCH_SIZE * 8,
+                        f"{PATCH_SIZE}^3 patches, then 3 patch mergings")
         for i, size in enumerate(self.stage_sizes()):
             if any(n % w for n, w in zip(size, window)):
                 raise ValueError(
                     f"TransMorph: window_size {window} does not tile the stage-{i} grid "
-                    f"{size} (img_size {tuple(self.img_size)} / {self.patch_size * 2 ** i});"
+                    f"{size} (img_size {tuple(self.img_size)} / {PATCH_SIZE * 2 ** i});"
                     f" every stage grid must be divisible by the window")
 
     @nn.compact
@@ -316,9 +316,8 @@ class TransMorph(nn.Module):
         shift = tuple(w // 2 for w in window)
         x = x.astype(dtype)
 
-        p = self.patch_size
-        h = Conv3D(self.embed_dim, p, p, 0, dtype=dtype, impl=self.conv_impl,
-                   name="patch_embed")(x)
+        h = Conv3D(self.embed_dim, PATCH_SIZE, PATCH_SIZE, 0, dtype=dtype,
+                   impl=self.conv_impl, name="patch_embed")(x)
         h = nn.LayerNorm(_LN_EPS, dtype=dtype, name="patch_norm")(h)
         h = nn.Dropout(self.drop_rate)(h, deterministic)
         b = h.shape[0]

@@ -11,6 +11,8 @@ from ofg_jax.models.layers import Conv3D, flow_head_init, torch_dense
 from ofg_jax.models.resample import max_pool2, upsample_linear2
 from ofg_jax.models.sizes import check_divisible, check_input
 
+PATCH_SIZE = 8  # fixed: the decoder's five x2 upsamplings start from 1/32
+
 
 class DoubleConv(nn.Module):
     """(3x3x3 conv with bias, ReLU) twice."""
@@ -104,8 +106,8 @@ class ViTVNet(nn.Module):
     """ViT-V-Net: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement in voxels.
 
     A CNN encoder (``encoder_channels``: a double conv at full resolution, then
-    max-pool + double conv twice) feeds a ViT on ``patch_size``-cubed patches of
-    its 1/4-resolution features (learned position embeddings, ``num_layers``
+    max-pool + double conv twice) feeds a ViT on 8x8x8 patches of its
+    1/4-resolution features (learned position embeddings, ``num_layers``
     pre-norm blocks). A conv (``conv_first_channel``) and five decoder blocks
     (trilinear x2 upsampling, skip concatenation, two conv-BatchNorm-ReLU) lead
     back to full resolution; skips are the encoder features at 1/16, 1/8 (both
@@ -116,8 +118,10 @@ class ViTVNet(nn.Module):
     ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
 
     Attributes:
-      img_size: ``(D, H, W)``, each divisible by ``4 * patch_size``.
-      encoder_channels, patch_size, hidden_size, num_layers, num_heads, mlp_dim,
+      img_size: ``(D, H, W)``, each divisible by 32 (two 2x downsamplings, then
+        8^3 patches: the five decoder blocks bring the 1/32 token grid back to
+        full resolution).
+      encoder_channels, hidden_size, num_layers, num_heads, mlp_dim,
       dropout_rate, attention_dropout_rate, conv_first_channel, decoder_channels:
       the architecture (defaults: the published configuration; the skip widths
       follow from ``encoder_channels``: ``(c2, c2, c2, c1, c0)``).
@@ -126,7 +130,6 @@ class ViTVNet(nn.Module):
 
     img_size: Sequence[int]
     encoder_channels: Sequence[int] = (16, 32, 32)
-    patch_size: int = 8
     hidden_size: int = 252
     num_layers: int = 12
     num_heads: int = 12
@@ -152,8 +155,8 @@ class ViTVNet(nn.Module):
             raise ValueError(
                 f"ViTVNet: hidden_size {self.hidden_size} is not divisible by num_heads "
                 f"{self.num_heads}")
-        check_divisible("ViTVNet", self.img_size, 4 * self.patch_size,
-                        f"two 2x downsamplings, then {self.patch_size}^3 patches")
+        check_divisible("ViTVNet", self.img_size, 4 * PATCH_SIZE,
+                        f"two 2x downsamplings, then {PATCH_SIZE}^3 patches")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -170,8 +173,7 @@ class ViTVNet(nn.Module):
         f8 = max_pool2(feats)
         skips = [max_pool2(f8), f8, feats, x2, x1]
 
-        p = self.patch_size
-        tokens = Conv3D(self.hidden_size, p, p, 0, dtype=dtype, impl=impl,
+        tokens = Conv3D(self.hidden_size, PATCH_SIZE, PATCH_SIZE, 0, dtype=dtype, impl=impl,
                         name="patch_embeddings")(feats)
         b, *grid, _ = tokens.shape
         tokens = tokens.reshape(b, -1, self.hidden_size)
