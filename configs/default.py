@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.similarity = "ncc"  # Unsupervised mode only: "ncc" or "mse".
     config.train.log_every = 50  # Steps between training rows in metrics.csv.
     config.train.eval_every_epochs = 1  # 0 = evaluate only at step 0 and the end.
+    # PNGs of a registered validation pair and the curves in <workdir>/figures.
+    config.train.figures = True
 
     # The inner optimisation that produces each pair's training target.
     config.ofg = ml_collections.ConfigDict()
@@ -49,6 +51,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.ofg.similarity = "ncc"  # Energy: -NCC ("ncc") or MSE ("mse") + Grad.
     config.ofg.optimizer = "amsgrad"
     config.ofg.downsample = 1  # 2 = optimise a half-resolution field.
+    # The paper's ablations (experiments/); the defaults are plain OFG.
+    # Optimiser design: "instance" (the field itself, the default) or "network"
+    # (a cascaded VoxelMorph of width network_width, re-initialised for every
+    # pair, whose weights take the `steps` updates; use a smaller learning_rate).
+    config.ofg.design = "instance"
+    config.ofg.network_width = 32  # 32 = the reference VoxelMorph's channels.
+    # OFG intensity. Pairs without an OFG target get the unsupervised loss
+    # (-similarity + 1.0 * Grad): all pairs of the epochs e with
+    # e % every_epochs != 0, and each pair with probability 1 - fraction.
+    config.ofg.every_epochs = 1
+    config.ofg.fraction = 1.0
+    # Adds ncc_weight * -similarity(fixed, warped moving) to the OFG loss.
+    config.ofg.ncc_weight = 0.0
 
     config.checkpoint = ml_collections.ConfigDict()
     # Checkpoints kept: the latest, plus the keep_best best by validation Dice.

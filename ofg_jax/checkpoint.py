@@ -31,8 +31,11 @@ class Checkpoints:
                 get_metric_fn=lambda metrics: metrics["dice"], n=keep_best,
                 keep_checkpoints_without_metrics=False),
         ])
+        # best_fn makes orbax write each checkpoint's Dice to disk, so that a
+        # resumed run still ranks the checkpoints of the interrupted one.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=False,
+            preservation_policy=policy, best_fn=lambda metrics: metrics["dice"],
+            best_mode="max", enable_async_checkpointing=False,
             cleanup_tmp_directories=True, create=True)
         self.directory = os.path.abspath(directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -43,6 +46,10 @@ class Checkpoints:
 
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
+
+    def best_step(self) -> Optional[int]:
+        """The step of the kept checkpoint with the highest Dice, or None."""
+        return self._manager.best_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any],
              dice: Optional[float] = None) -> None:

@@ -34,6 +34,17 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for metrics, checkpoints and summary; default "
     "./workdir/<config file name>. An existing run there is resumed.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host training: call jax.distributed.initialize() first. Under SLURM or "
+    "Open MPI the processes are found from the cluster's environment; elsewhere "
+    "pass --coordinator_address, --num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with --distributed).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 .. num_processes - 1.")
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "Show the full traceback of expected errors too.")
 
@@ -123,7 +134,12 @@ def main(argv: Sequence[str]) -> None:
     del argv
     absl_logging.get_absl_handler().addFilter(_quiet_libraries)
     # Imported after flag parsing, so that flag errors are reported at once.
+    import jax  # pylint: disable=g-import-not-at-top
     from ofg_jax import train  # pylint: disable=g-import-not-at-top
+
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                   _PROCESS_ID.value)
 
     config = _CONFIG.value
     config_file = _config_arg(sys.argv) or str(DEMO_CONFIG)

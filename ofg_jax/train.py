@@ -32,15 +32,25 @@ from ofg_jax import data as data_lib
 from ofg_jax import evaluate as evaluate_lib
 from ofg_jax import grad_loss
 from ofg_jax import models
+from ofg_jax import parallel
 from ofg_jax import ofg_loss
 from ofg_jax import poly_lr
 from ofg_jax import registration_energy
 from ofg_jax import torch_adam
+from ofg_jax.refine import refine_with_network
 
 MODES = ("ofg", "unsupervised")
 SIMILARITIES = ("ncc", "mse")
 # Weight of Grad(pred) in the model loss when ``train.reg_weight`` is None.
 REFERENCE_REG_WEIGHT = {"ofg": 0.02, "unsupervised": 1.0}
+# Optimiser designs of ``ofg.design`` (the downsampled one is ``ofg.downsample``).
+DESIGNS = ("instance", "network")
+# Ablation keys of ``config.ofg`` and the values that give plain OFG.
+OFG_VARIANT_DEFAULTS = {"design": "instance", "network_width": 32,
+                        "every_epochs": 1, "fraction": 1.0, "ncc_weight": 0.0}
+# ``fold_in`` constant of the per-pair draw of ``ofg.fraction`` (from the step's
+# dropout key, which the network's own dropout uses unchanged).
+FRACTION_STREAM = 0x0F6
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -51,12 +61,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainState(train_state.TrainState):
-    """Flax train state plus the base dropout key.
+    """Flax train state plus the base dropout key and BatchNorm statistics.
 
     The dropout key of step ``t`` is ``fold_in(rng, t)``, so a resumed run draws the
-    same keys as an uninterrupted one.
+    same keys as an uninterrupted one. ``batch_stats`` holds the running statistics
+    of networks with BatchNorm (ViT-V-Net's decoder) and is empty for the others.
     """
     rng: jax.Array
+    batch_stats: Any = flax.struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The network's variables for ``model.apply`` in evaluation mode."""
+        if self.batch_stats:
+            return {"params": self.params, "batch_stats": self.batch_stats}
+        return {"params": self.params}
 
 
 # ---------------------------------------------------------------------------
@@ -104,6 +123,26 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if train.reg_weight is not None:
         check(not train.reg_weight < 0, "train.reg_weight", train.reg_weight,
               "a number >= 0 or None")
+    # The ablation keys (OFG intensity, optimiser design); absent = plain OFG.
+    variant = ofg_variant(config)
+    check(variant["design"] in DESIGNS, "ofg.design", variant["design"],
+          f"one of {DESIGNS}")
+    check(variant["design"] == "instance" or ofg.downsample == 1, "ofg.downsample",
+          ofg.downsample, "1 with ofg.design='network'")
+    for key in ("every_epochs", "network_width"):
+        value = variant[key]
+        check(isinstance(value, int) and value >= 1, f"ofg.{key}", value,
+              "an integer >= 1")
+    check(0 <= variant["fraction"] <= 1, "ofg.fraction", variant["fraction"],
+          "a number in [0, 1]")
+    check(variant["ncc_weight"] >= 0, "ofg.ncc_weight", variant["ncc_weight"],
+          "a number >= 0")
+
+
+def ofg_variant(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ablation settings of ``config.ofg``, with plain OFG for absent keys."""
+    return {key: config.ofg.get(key, default)
+            for key, default in OFG_VARIANT_DEFAULTS.items()}
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -153,14 +192,15 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
         init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
         variables = model.init(init_key, jnp.zeros((1, *img_size, 2), jnp.float32),
                                train=False)
-        extra = set(variables) - {"params"}
+        extra = set(variables) - {"params", "batch_stats"}
         if extra:
             raise ValueError(
                 f"model {config.model.name!r} has variable collections "
-                f"{sorted(extra)} besides 'params'; the train step only updates "
-                "'params'")
+                f"{sorted(extra)} besides 'params' and 'batch_stats'; the train step "
+                "does not update them")
         state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                                  tx=tx, rng=dropout_key)
+                                  tx=tx, rng=dropout_key,
+                                  batch_stats=variables.get("batch_stats", {}))
         # An int32 array rather than Python's 0: the first train step then sees
         # the same argument types as all later ones and compiles once.
         return state.replace(step=jnp.zeros([], jnp.int32))
@@ -174,7 +214,12 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
 
 def registration_loss(pred: jax.Array, moving: jax.Array, fixed: jax.Array, *,
                       mode: str, reg_weight: float, similarity: str = "ncc",
-                      refine_kwargs: Optional[dict[str, Any]] = None
+                      refine_kwargs: Optional[dict[str, Any]] = None,
+                      refine_fn: Optional[Callable[..., jax.Array]] = None,
+                      ncc_weight: float = 0.0,
+                      use_ofg: Optional[jax.Array] = None,
+                      unsupervised_reg_weight: float = REFERENCE_REG_WEIGHT[
+                          "unsupervised"]
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The model loss of a batch of predictions.
 
@@ -188,22 +233,68 @@ def registration_loss(pred: jax.Array, moving: jax.Array, fixed: jax.Array, *,
       similarity: the unsupervised similarity term, "ncc" or "mse".
       refine_kwargs: keyword arguments of ``refine`` in "ofg" mode (steps,
         learning_rate, reg_weight of the inner energy, ...).
+      refine_fn: "ofg" mode: ``refine_fn(moving, fixed, pred) -> (B, *S, N)``
+        targets (batched) instead of ``refine(**refine_kwargs)``, e.g. the
+        network-based optimiser or fixed pseudo labels.
+      ncc_weight: "ofg" mode: adds ``ncc_weight * -NCC(fixed, moving o pred)``
+        (the unsupervised data term) to the loss of every OFG pair.
+      use_ofg: "ofg" mode: ``(B,)`` booleans (or a scalar); pairs where False get
+        the unsupervised loss ``-NCC + unsupervised_reg_weight * Grad`` instead.
+      unsupervised_reg_weight: Grad weight of the pairs where ``use_ofg`` is False.
 
     Returns:
-      The scalar loss (batch mean) and its terms ``{"similarity", "grad"}``.
+      The scalar loss (batch mean) and its terms ``{"similarity", "grad"}``
+      (with ``ncc_weight`` or ``use_ofg`` also ``ofg_fraction``, the fraction of
+      pairs with an OFG target).
     """
+    unsupervised_term = lambda: jax.vmap(lambda p, m, f: registration_energy(
+        m, f, p, reg_weight=0.0, similarity=similarity))(pred, moving, fixed)
     if mode == "ofg":
-        per_pair = lambda p, m, f: ofg_loss(p, m, f, **(refine_kwargs or {}))
-        data_term = jnp.mean(jax.vmap(per_pair)(pred, moving, fixed))
+        if refine_fn is None:
+            per_pair = lambda p, m, f: ofg_loss(p, m, f, **(refine_kwargs or {}))
+            ofg_term = jax.vmap(per_pair)(pred, moving, fixed)
+        else:
+            target = jax.lax.stop_gradient(refine_fn(moving, fixed, pred))
+            ofg_term = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
+        if use_ofg is not None or ncc_weight:
+            # The intensity ablations: per-pair OFG or unsupervised loss.
+            unsupervised = unsupervised_term()
+            use = jnp.broadcast_to(jnp.asarray(True if use_ofg is None else use_ofg),
+                                   ofg_term.shape)
+            smoothness = jax.vmap(grad_loss)(pred)
+            data = jnp.where(use, ofg_term + ncc_weight * unsupervised, unsupervised)
+            weight = jnp.where(use, reg_weight, unsupervised_reg_weight)
+            loss = jnp.mean(data + weight * smoothness)
+            return loss, {"similarity": jnp.mean(data), "grad": jnp.mean(smoothness),
+                          "ofg_fraction": jnp.mean(use.astype(jnp.float32))}
+        data_term = jnp.mean(ofg_term)
     elif mode == "unsupervised":
-        per_pair = lambda p, m, f: registration_energy(
-            m, f, p, reg_weight=0.0, similarity=similarity)
-        data_term = jnp.mean(jax.vmap(per_pair)(pred, moving, fixed))
+        data_term = jnp.mean(unsupervised_term())
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     smoothness = jnp.mean(jax.vmap(grad_loss)(pred))
     loss = data_term + reg_weight * smoothness
     return loss, {"similarity": data_term, "grad": smoothness}
+
+
+def make_network_refiner(config: ml_collections.ConfigDict, img_size: Sequence[int]
+                         ) -> tuple[flax.linen.Module, Any]:
+    """The residual VoxelMorph of ``ofg.design="network"`` and its initial params.
+
+    Channels ``w/2, w, w, w`` (encoder), ``w`` x4 (decoder), ``w, w/2, w/2`` (full
+    resolution) for ``w = ofg.network_width`` (32: the reference VoxelMorph);
+    parameters from ``PRNGKey(config.seed + 1)``, the same for every pair; the
+    convolution implementation of the main network (``model.conv_impl``).
+    """
+    width = int(ofg_variant(config)["network_width"])
+    half = max(width // 2, 1)
+    network = models.create("voxelmorph", img_size, enc_features=(half,) + (width,) * 3,
+                            dec_features=(width,) * 4, final_features=(width, half, half),
+                            conv_impl=config.model.get("conv_impl", "auto"))
+    with jax.threefry_partitionable(False):
+        params = jax.jit(network.init)(jax.random.PRNGKey(config.seed + 1),
+                                       jnp.zeros((1, *img_size, 2), jnp.float32))
+    return network, params["params"]
 
 
 def make_train_step(config: ml_collections.ConfigDict,
@@ -224,23 +315,62 @@ def make_train_step(config: ml_collections.ConfigDict,
                          similarity=config.ofg.similarity,
                          optimizer=config.ofg.optimizer,
                          downsample=config.ofg.downsample)
+    variant = ofg_variant(config)
+    networks = {}  # img_size -> (network, params) of ofg.design="network".
+
+    def variant_kwargs(step, moving, ofg_lr, dropout_key):
+        """``registration_loss`` keywords of the ablations (none for plain OFG)."""
+        if mode != "ofg":
+            return {}
+        kwargs = {"ncc_weight": float(variant["ncc_weight"])}
+        every, fraction = variant["every_epochs"], float(variant["fraction"])
+        if every > 1 or fraction < 1:
+            epoch = epoch_of_step(step, steps_per_epoch, epochs)
+            use = jnp.broadcast_to(epoch % every == 0, moving.shape[:1])
+            if fraction < 1:
+                key = jax.random.fold_in(dropout_key, FRACTION_STREAM)
+                use = use & jax.random.bernoulli(key, fraction, moving.shape[:1])
+            kwargs["use_ofg"] = use
+        if variant["design"] == "network":
+            img_size = tuple(moving.shape[1:])
+            if img_size not in networks:
+                with jax.ensure_compile_time_eval():  # Constants of the step.
+                    networks[img_size] = make_network_refiner(config, img_size)
+            network, params0 = networks[img_size]
+            kwargs["refine_fn"] = jax.vmap(
+                lambda m, f, d: refine_with_network(
+                    m, f, d, network, params0, steps=config.ofg.steps,
+                    learning_rate=ofg_lr, reg_weight=config.ofg.reg_weight,
+                    similarity=config.ofg.similarity, optimizer=config.ofg.optimizer))
+        return kwargs
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         moving, fixed = batch["moving"], batch["fixed"]
         ofg_lr = inner_lr(state.step)
         dropout_key = jax.random.fold_in(state.rng, state.step)
+        extra = variant_kwargs(state.step, moving, ofg_lr, dropout_key)
 
         def loss_fn(params):
             pair = jnp.stack([moving, fixed], axis=-1)
-            pred = state.apply_fn({"params": params}, pair, train=True,
-                                  rngs={"dropout": dropout_key})
-            return registration_loss(pred, moving, fixed, mode=mode, reg_weight=weight,
-                                     similarity=config.train.similarity,
-                                     refine_kwargs={**refine_kwargs,
-                                                    "learning_rate": ofg_lr})
+            variables = {**state.variables, "params": params}
+            if state.batch_stats:  # BatchNorm uses and updates the batch statistics.
+                pred, updates = state.apply_fn(variables, pair, train=True,
+                                               rngs={"dropout": dropout_key},
+                                               mutable=["batch_stats"])
+                batch_stats = updates["batch_stats"]
+            else:
+                pred = state.apply_fn(variables, pair, train=True,
+                                      rngs={"dropout": dropout_key})
+                batch_stats = state.batch_stats
+            loss, terms = registration_loss(
+                pred, moving, fixed, mode=mode, reg_weight=weight,
+                similarity=config.train.similarity,
+                refine_kwargs={**refine_kwargs, "learning_rate": ofg_lr}, **extra)
+            return loss, (terms, batch_stats)
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = state.apply_gradients(grads=grads)
+        (loss, (terms, batch_stats)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         update_norm = optax.tree.norm(
             jax.tree.map(jnp.subtract, new_state.params, state.params))
         metrics = {
@@ -276,11 +406,13 @@ def check_pair(moving: np.ndarray, fixed: np.ndarray, img_size: Sequence[int],
 
 
 def epoch_batches(data: Any, epoch: int, start: int, steps_per_epoch: int,
-                  batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+                  batch_size: int, local: slice = slice(None)
+                  ) -> Iterator[dict[str, np.ndarray]]:
     """Host batches of ``epoch`` from step ``start`` on (to resume mid-epoch).
 
     Items past ``steps_per_epoch * batch_size`` (an incomplete last batch) are
-    dropped so that every batch has the same shape.
+    dropped so that every batch has the same shape. Only the items ``local`` of
+    each global batch are loaded (this process's share on several hosts).
     """
     plan = data.train_plan(epoch)
     if len(plan) < steps_per_epoch * batch_size:
@@ -288,7 +420,7 @@ def epoch_batches(data: Any, epoch: int, start: int, steps_per_epoch: int,
             f"train_plan({epoch}) has {len(plan)} items, fewer than the "
             f"{steps_per_epoch * batch_size} of epoch 0")
     for step in range(start, steps_per_epoch):
-        items = plan[step * batch_size:(step + 1) * batch_size]
+        items = plan[step * batch_size:(step + 1) * batch_size][local]
         moving, fixed = [], []
         for item in items:
             pair = data.load_train(item)
@@ -302,13 +434,16 @@ def epoch_batches(data: Any, epoch: int, start: int, steps_per_epoch: int,
 class Prefetcher:
     """Loads batches on a background thread and copies them to the device ahead.
 
-    Iterating yields device arrays while up to ``size`` further batches are being
-    loaded; an exception raised by the loader is re-raised by the iterator.
+    Iterating yields device arrays (``put(batch)``, by default ``jax.device_put``)
+    while up to ``size`` further batches are being loaded; an exception raised by
+    the loader is re-raised by the iterator.
     """
 
     _DONE = object()
 
-    def __init__(self, batches: Iterator[Any], size: int = 2):
+    def __init__(self, batches: Iterator[Any], size: int = 2,
+                 put: Callable[[Any], Any] = jax.device_put):
+        self._put_on_device = put
         self._queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, args=(batches,),
@@ -327,7 +462,7 @@ class Prefetcher:
     def _fill(self, batches):
         try:
             for batch in batches:
-                if not self._put(jax.device_put(batch)):
+                if not self._put(self._put_on_device(batch)):
                     return
             self._put(self._DONE)
         except BaseException as e:  # pylint: disable=broad-except
@@ -364,13 +499,20 @@ class MetricsLog:
     mean loss as one row with the step rate over the interval and checks that
     every step was finite. On resume from ``resume_step``, rows and events that
     the interrupted run wrote after that step are dropped, so the files read like
-    one uninterrupted run.
+    one uninterrupted run. With ``write=False`` (the other processes of a
+    multi-host run) nothing is written, but the finiteness checks still run.
     """
 
     def __init__(self, workdir: str, steps_per_epoch: int,
-                 resume_step: Optional[int]):
+                 resume_step: Optional[int], write: bool = True):
         self.path = os.path.join(workdir, "metrics.csv")
         self._steps_per_epoch = steps_per_epoch
+        self._pending = []  # (step, device metrics), not fetched yet.
+        self.last_loss = None
+        self.restart_clock()
+        self._tb = None
+        if not write:
+            return
         kept = []
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, newline="") as f:
@@ -386,9 +528,6 @@ class MetricsLog:
         purge = None if resume_step is None else resume_step + 1
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
                                               purge_step=purge)
-        self._pending = []  # (step, device metrics), not fetched yet.
-        self.last_loss = None
-        self.restart_clock()
 
     def restart_clock(self, skip_pending: bool = False) -> None:
         """Starts timing the step rate now (after compilation, evaluation, saving)."""
@@ -430,6 +569,8 @@ class MetricsLog:
                      "non_pos_jacobian_pct": result.non_pos_jacobian_pct})
 
     def _write(self, row: dict[str, Any]) -> None:
+        if self._tb is None:
+            return
         row = {"epoch": round(row["step"] / self._steps_per_epoch, 4), **row}
         row = {key: row.get(key, "") for key in METRIC_COLUMNS}
         with open(self.path, "a", newline="") as f:
@@ -440,7 +581,8 @@ class MetricsLog:
         self._tb.flush()
 
     def close(self) -> None:
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def _round(value) -> float:
@@ -485,6 +627,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     model = models.create(config.model.name, img_size, **model_overrides(config))
 
     batch_size = config.train.batch_size
+    mesh = parallel.data_mesh()
+    parallel.check_batch_size(batch_size, mesh)
+    # On several hosts every process trains, the first one writes the files.
+    chief = jax.process_index() == 0
     items_per_epoch = len(data.train_plan(0))
     steps_per_epoch = items_per_epoch // batch_size
     if steps_per_epoch == 0:
@@ -496,7 +642,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         total_steps = min(total_steps, config.train.max_steps)
 
     os.makedirs(workdir, exist_ok=True)
-    state = create_train_state(config, model, img_size, steps_per_epoch)
+    state = parallel.replicate(
+        create_train_state(config, model, img_size, steps_per_epoch), mesh)
     train_step = make_train_step(config, steps_per_epoch)
     checkpoints = checkpoint_lib.Checkpoints(
         os.path.join(workdir, "checkpoints"), config.checkpoint.keep_best)
@@ -514,19 +661,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                 f"{steps_per_epoch}; use another --workdir")
         meta.update(saved)
         logging.info("Resuming from step %d of %s.", resume_step, checkpoints.directory)
-    else:
+    elif chief:
+        # With the grid read from the data: the run's record, and what
+        # ``ofg_jax.register`` rebuilds the network from.
+        resolved = json.loads(config.to_json_best_effort())
+        resolved["data"]["img_size"] = list(img_size)
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    log = MetricsLog(workdir, steps_per_epoch, resume_step)
+            json.dump(resolved, f, indent=2)
+    log = MetricsLog(workdir, steps_per_epoch, resume_step, write=chief)
     val_pairs = data.val_pairs()
     model_eval = evaluate_lib.make_model_eval_fn(model, labels)
     step = int(state.step)
 
     def run_eval() -> float:
-        result = evaluate_lib.evaluate(model_eval, {"params": state.params},
+        result = evaluate_lib.evaluate(model_eval, state.variables,
                                        val_pairs, labels)
-        evaluate_lib.write_rows(
-            os.path.join(workdir, "eval", f"step_{step:06d}.csv"), result)
+        if chief:
+            evaluate_lib.write_rows(
+                os.path.join(workdir, "eval", f"step_{step:06d}.csv"), result)
         log.write_eval(step, result)
         meta["final"] = _metric_summary(result, step)
         if meta["best"] is None or result.dice > meta["best"]["dice"]:
@@ -555,7 +707,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         while step < total_steps:
             epoch, position = divmod(step, steps_per_epoch)
             prefetcher = Prefetcher(
-                epoch_batches(data, epoch, position, steps_per_epoch, batch_size))
+                epoch_batches(data, epoch, position, steps_per_epoch, batch_size,
+                              local=parallel.local_slice(batch_size)),
+                put=lambda batch: parallel.shard_batch(batch, mesh))
             try:
                 for batch in prefetcher:
                     state, metrics = train_step(state, batch)
@@ -610,8 +764,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         "final": meta["final"], "best": meta["best"], "steps": step,
         "steps_per_second": timed_steps / train_seconds if timed_steps else None,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if chief:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if config.train.figures:
+            from ofg_jax import plot  # pylint: disable=g-import-not-at-top
+            plot.write_training_figures(workdir)
     print(format_table({"identity": meta["identity"], "initial": meta["initial"],
                         "final": meta["final"], "best": meta["best"]}))
     return summary

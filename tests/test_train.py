@@ -319,6 +319,7 @@ def tiny_run_config(name="demo", root=None, **train_overrides):
     config.train.log_every = 1
     config.train.learning_rate = 1e-3
     config.checkpoint.keep_best = 1
+    config.train.figures = False  # Written and checked once, in the resume test.
     config.train.update(train_overrides)
     return config
 
@@ -434,7 +435,12 @@ def diverging_data(create, epoch, position):
 
 def test_resume_and_reruns_reproduce_the_uninterrupted_run(tmp_path, monkeypatch):
     full = str(tmp_path / "full")
-    summary = train.train_and_evaluate(tiny_run_config(), full)
+    summary = train.train_and_evaluate(tiny_run_config(figures=True), full)
+    for name in ("curves", "slices", "grid", "jacobian", "labels"):
+        with open(os.path.join(full, "figures", f"{name}.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(full, "config.json")) as f:
+        assert json.load(f)["data"]["img_size"] == list(SIZE)
     assert summary["steps"] == 8
     reference = train_losses(full)
     assert sorted(reference) == list(range(1, 9))

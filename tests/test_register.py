@@ -1,0 +1,251 @@
+"""Tests of ``ofg_jax.register``: inference on NIfTI files with a trained workdir."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ofg_jax import register
+from ofg_jax import registration_energy
+from ofg_jax import warp
+import registration_fixtures as fixtures
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return fixtures.trained_workdir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return fixtures.write_pair(tmp_path_factory.mktemp("pair"))
+
+
+def run_main(capsys, *args):
+    """``python -m ofg_jax.register ARGS`` in this process: (status, stdout, stderr)."""
+    status = register.main(["register", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def registered(workdir, files, tmp_path_factory):
+    """One CLI run with segmentations and figures, with the trained network (the
+    default checkpoint may be the untrained one): its output folder and stdout."""
+    out_dir = tmp_path_factory.mktemp("out")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        status = register.main([
+            "register", f"--workdir={workdir}", f"--moving={files['moving']}",
+            f"--fixed={files['fixed']}", f"--moving-seg={files['moving_seg']}",
+            f"--fixed-seg={files['fixed_seg']}", f"--out={out_dir}", "--figures",
+            f"--checkpoint={fixtures.TRAIN_STEPS}"])
+    assert status == 0
+    return str(out_dir), stdout.getvalue()
+
+
+def np_jacobian_determinant(disp):
+    disp = np.asarray(disp, np.float64)
+    jac = np.empty(disp.shape[:-1] + (3, 3))
+    for i in range(3):
+        for j in range(3):
+            jac[..., i, j] = np.gradient(disp[..., i], axis=j) + (i == j)
+    return np.linalg.det(jac)
+
+
+def np_dice(a, b, labels):
+    return np.array([2.0 * np.sum((a == l) & (b == l))
+                     / (np.sum(a == l) + np.sum(b == l) + 1e-5) for l in labels])
+
+
+def printed(stdout, key):
+    return float(re.search(rf"^{key}: (\S+)", stdout, re.M).group(1))
+
+
+def test_outputs_carry_the_fixed_grid_and_match_independent_checks(registered, files):
+    out_dir, stdout = registered
+    fixed = nib.load(files["fixed"])
+    outputs = {key: nib.load(os.path.join(out_dir, name))
+               for key, name in register.OUTPUT_FILES.items()}
+    expected_shape = {"disp": fixtures.SIZE + (3,)}
+    for key, image in outputs.items():
+        assert image.shape == expected_shape.get(key, fixtures.SIZE), key
+        np.testing.assert_allclose(image.affine, fixed.affine, atol=1e-6)
+        for field in ("qform_code", "sform_code", "descrip", "xyzt_units"):
+            assert image.header[field] == fixed.header[field], (key, field)
+        np.testing.assert_allclose(image.header.get_zooms()[:3],
+                                   fixed.header.get_zooms()[:3])
+    assert outputs["warped"].get_data_dtype() == np.float32  # Not the fixed int16.
+    assert np.issubdtype(outputs["warped_seg"].get_data_dtype(), np.integer)
+
+    moving = nib.load(files["moving"]).get_fdata(dtype=np.float32)
+    disp = outputs["disp"].get_fdata(dtype=np.float32)
+    assert np.abs(disp).max() > 0
+    np.testing.assert_allclose(outputs["warped"].get_fdata(),
+                               np.asarray(warp(moving, disp)), atol=1e-5)
+    moving_seg = np.asarray(nib.load(files["moving_seg"]).dataobj).astype(np.int32)
+    warped_seg = np.asarray(outputs["warped_seg"].dataobj)
+    np.testing.assert_array_equal(warped_seg, np.asarray(warp(moving_seg, disp,
+                                                              order=0)))
+    jacobian = np_jacobian_determinant(disp)
+    np.testing.assert_allclose(outputs["jacobian"].get_fdata(), jacobian, atol=1e-4)
+
+    fixed_seg = np.asarray(nib.load(files["fixed_seg"]).dataobj)
+    labels = [l for l in np.unique(fixed_seg) if l != 0]
+    assert printed(stdout, "dice") == pytest.approx(
+        np.mean(np_dice(warped_seg, fixed_seg, labels)), abs=2e-6)
+    assert f"over {len(labels)} labels" in stdout
+    assert printed(stdout, "non_pos_jacobian_pct") == pytest.approx(
+        100 * np.mean(jacobian <= 0), abs=1e-6)
+    for name in ("slices.png", "grid.png", "jacobian.png", "labels.png"):
+        assert os.path.getsize(os.path.join(out_dir, name)) > 0
+
+
+def test_refinement_changes_the_field_and_lowers_the_energy(
+        registered, workdir, files, tmp_path, capsys):
+    status, stdout, stderr = run_main(
+        capsys, f"--workdir={workdir}", f"--moving={files['moving']}",
+        f"--fixed={files['fixed']}", "--refine-steps=5", f"--out={tmp_path}",
+        f"--checkpoint={fixtures.TRAIN_STEPS}")
+    assert status == 0, stderr
+    read = lambda folder: nib.load(os.path.join(folder, "disp.nii.gz")).get_fdata(
+        dtype=np.float32)
+    network, refined = read(registered[0]), read(tmp_path)
+    assert np.abs(refined - network).max() > 1e-3
+    ofg = register.read_config(workdir).ofg
+    moving = nib.load(files["moving"]).get_fdata(dtype=np.float32)
+    fixed = nib.load(files["fixed"]).get_fdata(dtype=np.float32)
+    energy = lambda disp: float(registration_energy(
+        moving, fixed, disp, reg_weight=ofg.reg_weight, similarity=ofg.similarity))
+    assert energy(refined) < energy(network)
+    match = re.search(r"energy: (\S+) \(network\) -> (\S+) \(refined\)", stdout)
+    assert float(match.group(1)) == pytest.approx(energy(network), rel=1e-4)
+    assert float(match.group(2)) == pytest.approx(energy(refined), rel=1e-4)
+
+
+def test_default_checkpoint_is_the_best_on_disk_else_the_latest(
+        registered, workdir, files, tmp_path, capsys):
+    steps = sorted(int(name) for name in os.listdir(os.path.join(workdir,
+                                                                 "checkpoints")))
+    with open(os.path.join(workdir, "summary.json")) as f:
+        best = json.load(f)["best"]["step"]
+    expected = (f"step {best} of {os.path.join(workdir, 'checkpoints')} (best "
+                "validation Dice)" if best in steps else
+                f"step {steps[-1]} of {os.path.join(workdir, 'checkpoints')} (latest)")
+    status, stdout, stderr = run_main(
+        capsys, f"--workdir={workdir}", f"--moving={files['moving']}",
+        f"--fixed={files['fixed']}", f"--out={tmp_path}")
+    assert status == 0, stderr
+    assert f"checkpoint: {expected}\n" in stdout
+    assert f"checkpoint: step {fixtures.TRAIN_STEPS} of" in registered[1]
+    assert "(as requested)" in registered[1]
+
+    status, _, stderr = run_main(
+        capsys, f"--workdir={workdir}", f"--moving={files['moving']}",
+        f"--fixed={files['fixed']}", "--checkpoint=7", f"--out={tmp_path}")
+    assert status == register.EXIT_FAILURE
+    assert f"no checkpoint 7 in {os.path.join(workdir, 'checkpoints')}" in stderr
+    assert f"available steps: {steps}" in stderr
+
+
+def test_batch_mode_writes_one_folder_and_row_per_pair(workdir, files, tmp_path,
+                                                       capsys):
+    folder = os.path.dirname(files["moving"])
+    pairs = tmp_path / "pairs.csv"
+    # Paths relative to the CSV's folder, and absolute ones; segmentations optional.
+    relative = os.path.relpath(folder, tmp_path)
+    pairs.write_text(
+        "moving,fixed,moving_seg,fixed_seg,name\n"
+        f"{relative}/moving.nii.gz,{relative}/fixed.nii.gz,"
+        f"{relative}/moving_seg.nii.gz,{relative}/fixed_seg.nii.gz,with_labels\n"
+        f"{files['fixed']},{files['moving']},,,\n")
+    status, stdout, stderr = run_main(capsys, f"--workdir={workdir}",
+                                      f"--pairs={pairs}", f"--out={tmp_path / 'out'}")
+    assert status == 0, stderr
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == ["with_labels", "fixed_to_moving"]
+    assert 0 <= float(rows[0]["dice"]) <= 1 and rows[1]["dice"] == ""
+    for row in rows:
+        assert 0 <= float(row["non_pos_jacobian_pct"]) <= 100
+    assert sorted(os.listdir(tmp_path / "out" / "with_labels")) == sorted(
+        register.OUTPUT_FILES.values())
+    assert "warped_seg.nii.gz" not in os.listdir(tmp_path / "out" / "fixed_to_moving")
+    assert "with_labels:\ndice:" in stdout
+
+
+def test_errors_name_the_problem_and_exit_non_zero(workdir, files, tmp_path, capsys):
+    affine = fixtures.oblique_affine()
+    small = fixtures.write_nifti(tmp_path / "small.nii.gz", np.zeros((16, 16, 16)),
+                                 affine, np.float32)
+    four_d = fixtures.write_nifti(tmp_path / "4d.nii.gz",
+                                  np.zeros(fixtures.SIZE + (2,)), affine, np.float32)
+    shifted = fixtures.write_nifti(
+        tmp_path / "shifted.nii.gz", nib.load(files["moving"]).get_fdata(),
+        fixtures.oblique_affine(offset=(0.0, 0.0, 0.0)), np.float32)
+    no_checkpoint = tmp_path / "no_checkpoint"
+    no_checkpoint.mkdir()
+    shutil.copy(os.path.join(workdir, "config.json"), no_checkpoint)
+    missing = tmp_path / "missing.nii.gz"
+    cases = [
+        # (workdir, moving, expected pieces of the message)
+        (workdir, missing, [f"moving image {missing} not found"]),
+        (workdir, small, [str(small), "(16, 16, 16)", "(16, 16, 32)"]),
+        (workdir, four_d, [str(four_d), "(16, 16, 32, 2)", "3D"]),
+        (workdir, shifted, [str(shifted), files["fixed"], "different affines"]),
+        (tmp_path, files["moving"], [str(tmp_path / "config.json"), "not found"]),
+        (no_checkpoint, files["moving"],
+         ["no checkpoint", str(no_checkpoint / "checkpoints")]),
+    ]
+    for work, moving, pieces in cases:
+        status, stdout, stderr = run_main(
+            capsys, f"--workdir={work}", f"--moving={moving}",
+            f"--fixed={files['fixed']}", f"--out={tmp_path / 'out'}")
+        assert status == register.EXIT_FAILURE, (moving, stderr)
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        for piece in pieces:
+            assert piece in stderr, (piece, stderr)
+    assert not (tmp_path / "out").exists()
+    status, _, stderr = run_main(capsys, f"--workdir={workdir}", f"--out={tmp_path}",
+                                 f"--moving={files['moving']}")
+    assert status == register.EXIT_USAGE
+    assert "--moving and --fixed (or --pairs) are required" in stderr
+
+
+def test_module_entry_point_reports_errors_in_one_line(tmp_path):
+    missing = tmp_path / "no_workdir"
+    result = subprocess.run(
+        [sys.executable, "-m", "ofg_jax.register", f"--workdir={missing}",
+         "--moving=m.nii.gz", "--fixed=f.nii.gz", f"--out={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == register.EXIT_FAILURE
+    assert result.stderr == f"error: workdir {missing} not found\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("moving,image\na,b\n", "expected moving,fixed"),
+    ("moving,fixed\n", "lists no pairs"),
+    ("moving,fixed\na.nii,b.nii\nc.nii,\n", "line 3: moving and fixed must be given"),
+    ("moving,fixed,fixed_seg\na.nii,b.nii,s.nii\n", "fixed_seg needs moving_seg"),
+    ("moving,fixed,name\na.nii,b.nii,x\nc.nii,d.nii,x\n", "named ['x']"),
+    ("moving,fixed,name\na.nii,b.nii,../x\n", "'../x' is not a folder name"),
+    ("moving,fixed\na.nii,b.nii,c.nii\n", "line 2: more cells than the columns"),
+])
+def test_bad_pairs_files_are_named(tmp_path, content, message):
+    path = tmp_path / "pairs.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        register.read_pairs_csv(str(path))
