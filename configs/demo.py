@@ -1,9 +1,13 @@
-"""A quick demo on synthetic brain phantoms: runs on a laptop CPU in minutes.
+"""A quick demo on synthetic brain phantoms: a few minutes on a laptop CPU.
 
 OFG-trained VoxelMorph on small procedurally generated phantoms (no download).
 Compared with the reference settings (`default.py`), the demo is much smaller
-and shorter: a small grid, a few subjects, a few epochs, and a model learning
-rate far above the reference's 1e-4 so that it learns something in that time.
+and shorter: a 32^3 grid, 32 training subjects, 30 epochs (960 updates), and a
+model learning rate ten times the reference's 1e-4 so that it learns something
+in that time. Subjects differ from the atlas by a global scaling and shift of a
+couple of voxels on top of the smooth local deformation, so that the identity
+starts far from aligned (Dice about 0.23) and progress shows in the Dice of
+nearest-neighbour-warped labels.
 
     python -m ofg_jax.main --config=configs/demo.py --workdir=/tmp/ofg_demo
 """
@@ -17,13 +21,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data.name = "synthetic"
     config.data.root = ""  # Generated in memory; nothing is read.
-    config.data.img_size = (48, 48, 48)
-    config.data.num_train = 16
+    config.data.img_size = (32, 32, 32)
+    config.data.num_train = 32
     config.data.num_val = 4
     config.data.augment = False
+    config.data.scale_std = 0.1  # Half-box units: about 1.6 voxels at the border.
+    config.data.shift_std = 0.06  # About 1 voxel.
 
-    config.train.epochs = 8
+    config.train.epochs = 30
     config.train.learning_rate = 1e-3  # The reference's 1e-4 needs hundreds of epochs.
-    config.train.log_every = 4
+    config.train.log_every = 32
     config.checkpoint.keep_best = 1
     return config
