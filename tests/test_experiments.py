@@ -23,6 +23,7 @@ from experiments import self_training
 from experiments import syn_baseline
 from experiments import test_time_refinement
 from ofg_jax import evaluate
+from tests.compilation_cache import persistent_compilation_cache
 
 # A two-level VoxelMorph with XLA's convolution: the quickest to compile.
 TINY = ["data.img_size=16,16,16", "data.num_train=2", "data.num_val=1",
@@ -33,21 +34,9 @@ TINY = ["data.img_size=16,16,16", "data.num_train=2", "data.num_val=1",
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """The shared workdir, and a persistent compilation cache that keeps even the
-    quick compilations (evaluation, initialisation) across the runs."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield str(tmp_path_factory.mktemp("experiments"))
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    """The shared workdir, with a persistent compilation cache across the runs."""
+    with persistent_compilation_cache(str(tmp_path_factory.mktemp("xla"))):
+        yield str(tmp_path_factory.mktemp("experiments"))
 
 
 def argv(workdir, *extra):
@@ -86,15 +75,16 @@ def test_ofg_vs_unsupervised(workdir, capsys):
 
 def test_small_transformer_overrides_fit_the_architectures():
     from ofg_jax import models
-    for grid in [(48, 48, 48), (32, 32, 32), (64, 32, 96)]:
+    for grid in [(32, 32, 32), (48, 64, 16), (64, 32, 96)]:
         for name in ("vitvnet", "transmorph"):
             overrides = ofg_vs_unsupervised.small_transformer_overrides(name, grid)
             size = overrides.pop("data.img_size")
-            assert all(n % 32 == 0 and n >= g for n, g in zip(size, grid))
+            assert all(n % 64 == 0 and n >= g for n, g in zip(size, grid))
             kwargs = {k.split(".", 1)[1]: v for k, v in overrides.items()}
             models.create(name, size, **kwargs)  # Raises if it does not fit.
     assert ofg_vs_unsupervised.small_transformer_overrides(
-        "transmorph", (48, 48, 48))["model.window_size"] == (2, 2, 2)
+        "vitvnet", (32, 32, 32))["data.img_size"] == (64, 64, 64)
+    assert ofg_vs_unsupervised.small_transformer_overrides("voxelmorph", (32,) * 3) == {}
 
 
 def test_inner_steps(workdir):

@@ -8,7 +8,6 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -18,6 +17,7 @@ from ofg_jax import ncc
 from ofg_jax import refine
 from ofg_jax import train
 from ofg_jax import warp
+from tests.compilation_cache import persistent_compilation_cache
 
 
 # ---------------------------------------------------------------------------
@@ -282,23 +282,9 @@ SIZE = (16, 16, 16)
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """Shares compiled train and eval steps between the runs of this module.
-
-    Every run builds its functions afresh, so without a persistent cache each
-    would compile them again; with it only the first run of a kind compiles.
-    """
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    """Shares compiled train and eval steps between the runs of this module."""
+    with persistent_compilation_cache(str(tmp_path_factory.mktemp("xla"))):
+        yield
 
 
 def load_config(name):
