@@ -103,12 +103,7 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
     Returns:
       ``(*S, N)`` refined displacement, in voxels.
     """
-    spatial = check_same_spatial(moving.shape, fixed.shape, "moving, fixed")
-    if check_disp(disp.shape) != spatial:
-        raise ValueError(f"disp of shape {disp.shape} does not match images of shape "
-                         f"{spatial}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    _check_inputs(moving, fixed, disp, similarity)
     if not isinstance(downsample, int) or downsample < 1:
         raise ValueError(f"downsample must be a positive integer, got {downsample!r}")
 
@@ -119,7 +114,22 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
     else:
         to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
         params = _downsample(start, downsample)
+    return _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
+                     similarity, optimizer, window, penalty)
 
+
+def _check_inputs(moving, fixed, disp, similarity) -> None:
+    spatial = check_same_spatial(moving.shape, fixed.shape, "moving, fixed")
+    if check_disp(disp.shape) != spatial:
+        raise ValueError(f"disp of shape {disp.shape} does not match images of shape "
+                         f"{spatial}")
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+
+
+def _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
+              similarity, optimizer, window, penalty) -> jax.Array:
+    """``to_field(params)`` after ``steps`` updates of ``params`` on the energy."""
     energy_of_field = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
     energy = lambda p: energy_of_field(to_field(p))
     opt = _optimizer(optimizer, learning_rate)
@@ -181,24 +191,12 @@ def refine_with_network(moving: jax.Array, fixed: jax.Array, disp: jax.Array,
     Returns:
       ``(*S, N)`` refined displacement, ``disp + residual``, in voxels.
     """
-    spatial = check_same_spatial(moving.shape, fixed.shape, "moving, fixed")
-    if check_disp(disp.shape) != spatial:
-        raise ValueError(f"disp of shape {disp.shape} does not match images of shape "
-                         f"{spatial}")
+    _check_inputs(moving, fixed, disp, similarity)
     start = jax.lax.stop_gradient(disp)
     pair = jnp.stack([warp(moving, start), fixed], axis=-1)[None]
 
     def to_field(p):
         return start + network.apply({"params": p}, pair, train=False)[0]
 
-    energy_of_field = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
-    energy = lambda p: energy_of_field(to_field(p))
-    opt = _optimizer(optimizer, learning_rate)
-
-    def step(_, carry):
-        p, opt_state = carry
-        updates, opt_state = opt.update(jax.grad(energy)(p), opt_state, p)
-        return optax.apply_updates(p, updates), opt_state
-
-    params, _ = jax.lax.fori_loop(0, steps, step, (params, opt.init(params)))
-    return to_field(params)
+    return _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
+                     similarity, optimizer, window, penalty)
