@@ -329,7 +329,8 @@ def run_worker(args) -> None:
                          args.warmup, args.breakdown)
     else:
         result = run_torch(args.models, shape, args.batch, args.inner_steps,
-                           args.repeats, args.warmup, args.worker == "torch_compile")
+                           args.torch_repeats, args.torch_warmup,
+                           args.worker == "torch_compile")
     with open(args.worker_out, "w") as f:
         json.dump(result, f)
 
@@ -341,7 +342,9 @@ def spawn_worker(framework: str, model_name: str, args) -> dict:
         command = [sys.executable, os.path.abspath(__file__), "--worker", framework,
                    "--worker-out", out, "--models", model_name, "--shape", args.shape,
                    "--batch", str(args.batch), "--inner-steps", str(args.inner_steps),
-                   "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                   "--torch-repeats", str(args.torch_repeats),
+                   "--torch-warmup", str(args.torch_warmup)]
         if args.breakdown:
             command.append("--breakdown")
         # The worker's log is passed through as it comes; its last line names the
@@ -365,6 +368,7 @@ def benchmark(model_name: str, args) -> dict:
     record = {"shape": list(parse_shape(args.shape)), "model": model_name,
               "batch": args.batch, "inner_steps": args.inner_steps,
               "repeats": args.repeats, "warmup": args.warmup,
+              "torch_repeats": args.torch_repeats, "torch_warmup": args.torch_warmup,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_average_before": list(os.getloadavg())}
     frameworks = ["jax", "torch"] + (["torch_compile"] if args.torch_compile else [])
@@ -387,6 +391,14 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
 
 
+def _torch_repeats(record: dict) -> str:
+    repeats = record.get("torch_repeats", record["repeats"])
+    warmup = record.get("torch_warmup", record["warmup"])
+    if (repeats, warmup) == (record["repeats"], record["warmup"]):
+        return ""
+    return f" (PyTorch: {repeats} timed after {warmup} warm-up)"
+
+
 def format_table(record: dict) -> str:
     """A readable table of one record, with torch/jax ratios."""
     others = [f for f in ("torch", "torch_compile") if f in record]
@@ -406,7 +418,7 @@ def format_table(record: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [f"{record['model']} {'x'.join(map(str, record['shape']))}, batch "
              f"{record['batch']}, {record['inner_steps']} inner steps, median of "
-             f"{record['repeats']}; {record['device']}"]
+             f"{record['repeats']}{_torch_repeats(record)}; {record['device']}"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if "ofg_over_unsupervised" in jax_result:
         lines.append(f"jax OFG step / unsupervised step: "
@@ -427,6 +439,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="OFG refinement steps per training step")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first")
+    parser.add_argument("--torch-repeats", type=int,
+                        help="timed calls for PyTorch (default: --repeats); at full size "
+                             "one eager OFG step takes many minutes on a CPU")
+    parser.add_argument("--torch-warmup", type=int,
+                        help="untimed PyTorch calls first (default: --warmup)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--models", default="voxelmorph",
                         help="comma-separated ofg_jax.models names")
@@ -439,8 +456,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     parse_shape(args.shape)
+    args.torch_repeats = args.repeats if args.torch_repeats is None else args.torch_repeats
+    args.torch_warmup = args.warmup if args.torch_warmup is None else args.torch_warmup
     for name, value, low in (("--inner-steps", args.inner_steps, 0),
                              ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 1),
+                             ("--torch-repeats", args.torch_repeats, 1),
+                             ("--torch-warmup", args.torch_warmup, 0),
                              ("--batch", args.batch, 1)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
