@@ -3,8 +3,9 @@
 For each framework, in its own subprocess (so that peak memories are separate),
 times on one synthetic batch: the unsupervised training step, the OFG training
 step, ``refine`` alone and the network forward pass. Every timing is the median
-over ``--repeats`` calls after ``--warmup`` untimed calls; JAX outputs are
-blocked on. JAX compile time is reported separately: the ahead-of-time
+over ``--repeats`` calls after ``--warmup`` untimed calls, the four functions
+called in turn (round-robin) so that a slow spell of a shared machine slows them
+alike; JAX outputs are blocked on. JAX compile time is reported separately: the ahead-of-time
 ``lower().compile()`` of the four functions plus ``create_train_state`` (whose
 time is almost all the compilation of the initialiser).
 
@@ -74,20 +75,30 @@ def synthetic_batch(shape: Sequence[int], batch: int, seed: int = 0):
     return moving, fixed
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int) -> tuple:
-    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int) -> tuple[dict, dict, dict]:
+    """Median wall time of each ``fn()``, the functions called in turn.
 
-    ``fn`` must return only when its work is done (block on device outputs).
-    Returns ``(median, all timings)``.
+    ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls
+    every function once, in order, so that a slow spell of a shared machine falls
+    on all of them alike and their ratios stay meaningful. ``fn`` must return only
+    when its work is done (block on device outputs).
+
+    Returns ``(medians, all timings, first-call times)``; with ``warmup=0`` the
+    first calls are also the first timed ones.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    times = {key: [] for key in fns}
+    first = {}
+    for round_ in range(warmup + repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            first.setdefault(key, elapsed)
+            if round_ >= warmup:
+                times[key].append(elapsed)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    return medians, times, first
 
 
 def peak_rss_mb() -> float:
@@ -150,22 +161,20 @@ def run_jax(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
                                        shape, steps_per_epoch)
     jax.block_until_ready(initial)
     compile_times["create_train_state"] = time.perf_counter() - start
+    calls, states = {}, {}
     for mode, key in (("unsupervised", "unsupervised_step_s"), ("ofg", "ofg_step_s")):
         config = jax_config(mode, inner_steps, batch)
-        state = jax.tree.map(jnp.copy, initial)
+        states[key] = jax.tree.map(jnp.copy, initial)
         step_fn = train.make_train_step(config, steps_per_epoch)
         start = time.perf_counter()
-        compiled = step_fn.lower(state, data).compile()
+        compiled = step_fn.lower(states[key], data).compile()
         compile_times[key] = time.perf_counter() - start
 
-        def call(compiled=compiled):
-            nonlocal state
-            state, metrics = compiled(state, data)
-            jax.block_until_ready((state.params, metrics))
+        def call(compiled=compiled, key=key):
+            states[key], metrics = compiled(states[key], data)
+            jax.block_until_ready((states[key].params, metrics))
 
-        log(f"jax: timing {key}")
-        result[key], times[key] = median_seconds(call, repeats, warmup)
-        params = state.params
+        calls[key] = call
 
     pred_shape = (batch, *shape, len(shape))
     refine_batch = jax.jit(jax.vmap(functools.partial(
@@ -174,13 +183,16 @@ def run_jax(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
     pair = jnp.stack([moving, fixed], axis=-1)
     for key, fn, args in (("refine_s", refine_batch, (moving, fixed, disp)),
-                          ("forward_s", forward, (params, pair))):
+                          ("forward_s", forward, (initial.params, pair))):
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_times[key] = time.perf_counter() - start
-        log(f"jax: timing {key}")
-        result[key], times[key] = median_seconds(
-            lambda c=compiled, a=args: jax.block_until_ready(c(*a)), repeats, warmup)
+        calls[key] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
+
+    log(f"jax: timing {', '.join(calls)}, interleaved")
+    medians, times, _ = interleaved_seconds(calls, repeats, warmup)
+    result.update(medians)
+    params = states["ofg_step_s"].params
 
     result["compile_s"] = sum(compile_times.values())
     result["compile_breakdown_s"] = compile_times
@@ -239,12 +251,11 @@ def jax_step_breakdown(model, params, moving, fixed, inner_steps: int, repeats: 
             refine, steps=inner_steps, learning_rate=INNER_LR))), (moving, fixed, pred)),
         "optimizer_update": (jax.jit(update), (grads, opt_state, params)),
     }
-    out = {}
+    calls = {}
     for name, (fn, args) in parts.items():
         compiled = fn.lower(*args).compile()
-        out[name] = median_seconds(
-            lambda c=compiled, a=args: jax.block_until_ready(c(*a)), repeats, warmup)[0]
-    return out
+        calls[name] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
+    return interleaved_seconds(calls, repeats, warmup)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -295,15 +306,10 @@ def run_torch(model_name: str, shape, batch: int, inner_steps: int, repeats: int
             net(pair)
         sync()
 
-    result, times, first_call = {}, {}, {}
-    for key, fn in (("unsupervised_step_s", unsupervised), ("ofg_step_s", ofg),
-                    ("refine_s", refine_only), ("forward_s", forward)):
-        log(f"{'torch_compile' if compile_model else 'torch'}: timing {key}")
-        start = time.perf_counter()
-        fn()
-        first_call[key] = time.perf_counter() - start
-        # The first call is the first warm-up call.
-        result[key], times[key] = median_seconds(fn, repeats, warmup - 1)
+    name = "torch_compile" if compile_model else "torch"
+    log(f"{name}: timing {', '.join(TIMED_KEYS)}, interleaved")
+    result, times, first_call = interleaved_seconds(
+        dict(zip(TIMED_KEYS, (unsupervised, ofg, refine_only, forward))), repeats, warmup)
     if compile_model:
         # Compilation happens inside the first calls: their excess over the median.
         result["compile_s"] = sum(max(first_call[k] - result[k], 0.0) for k in TIMED_KEYS)

@@ -80,11 +80,16 @@ def test_rejects_a_bad_shape():
         benchmark.parse_shape("64,x,64")
 
 
-def test_median_seconds_warms_up_then_times_each_call():
+def test_interleaved_seconds_warms_up_then_times_rounds_in_turn():
     calls = []
-    median, times = benchmark.median_seconds(lambda: calls.append(1), repeats=3,
-                                             warmup=2)
-    assert len(calls) == 5 and len(times) == 3 and median == sorted(times)[1]
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    medians, times, first = benchmark.interleaved_seconds(fns, repeats=3, warmup=2)
+    assert calls == ["a", "b"] * 5
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert medians["a"] == sorted(times["a"])[1] and set(first) == {"a", "b"}
+    # Without warm-up the first calls are timed.
+    _, times, first = benchmark.interleaved_seconds(fns, repeats=1, warmup=0)
+    assert times["a"] == [first["a"]]
 
 
 def test_a_failing_framework_is_reported_not_fatal(tmp_path):
