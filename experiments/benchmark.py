@@ -5,12 +5,14 @@ times on one synthetic batch: the unsupervised training step, the OFG training
 step, ``refine`` alone and the network forward pass. Every timing is the median
 over ``--repeats`` calls after ``--warmup`` untimed calls, the four functions
 called in turn (round-robin) so that a slow spell of a shared machine slows them
-alike; JAX outputs are blocked on. JAX compile time is reported separately: the ahead-of-time
-``lower().compile()`` of the four functions plus ``create_train_state`` (whose
-time is almost all the compilation of the initialiser).
+alike; JAX outputs are blocked on. JAX compile time is reported separately: the
+ahead-of-time ``lower().compile()`` of the four functions plus
+``create_train_state`` (whose time is almost all the compilation of the
+initialiser).
 
     python experiments/benchmark.py --shape 64,64,64 --inner-steps 10 \\
-        --repeats 3 --out bench_64.json [--torch-compile] [--breakdown]
+        --repeats 3 --out bench_64.json [--torch-compile] [--breakdown] \\
+        [--torch-repeats 1 --torch-warmup 0]
 
 JSON: ``{"shape", "device", "model", "batch", "inner_steps", "repeats",
 "jax": {...}, "torch": {...}[, "torch_compile": {...}][, "jax_breakdown": {...}]}``
@@ -152,7 +154,7 @@ def run_jax(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
     data = {"moving": moving, "fixed": fixed}
     # A long epoch keeps both learning rates at their epoch-0 values.
     steps_per_epoch = 10 ** 6
-    result, times, compile_times = {}, {}, {}
+    result, compile_times = {}, {}
 
     # One initialisation for both modes (same optimiser); each step donates its
     # state, so each mode gets its own copy.

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from experiments import benchmark, plot_benchmark  # noqa: E402
+from experiments import benchmark, plot_benchmark, profile_refine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,3 +104,9 @@ def test_a_failing_framework_is_reported_not_fatal(tmp_path):
     assert "no_such_net" in record["jax"]["error"]
     assert "no_such_net" in record["torch"]["error"]
     assert "jax failed" in proc.stdout
+
+
+def test_profile_refine_times_every_part():
+    medians = profile_refine.main(["--shape", "8,8,8", "--steps", "2", "--repeats", "1"])
+    assert set(medians) == {"warp", "ncc", "grad_loss", "energy", "refine_per_step"}
+    assert all(seconds > 0 for seconds in medians.values())

@@ -1,0 +1,92 @@
+"""Where the time of one ``refine`` iteration goes.
+
+One inner iteration of ``ofg_jax.refine`` evaluates the gradient of the
+registration energy ``-NCC(fixed, warp(moving, disp)) + Grad(disp)`` and applies
+the optimiser update. This script jits and times each part alone, on one pair of
+random images and a random field (2 voxels standard deviation):
+
+- ``warp``: value and gradient of ``sum(warp(moving, disp) * r)`` in ``disp``;
+- ``ncc``: value and gradient of ``ncc_to(fixed)`` in the warped image (five box
+  sums forward, three of them on the warped image's maps, and their transposes);
+- ``grad_loss``: value and gradient of the smoothness term;
+- ``energy``: value and gradient of the whole energy (one iteration without the
+  update), to compare with the sum of the parts;
+- ``refine_per_step``: ``refine`` with ``--steps`` iterations, divided by the steps.
+
+Median of ``--repeats`` interleaved rounds after one warm-up round:
+
+    python experiments/profile_refine.py --shape 80,96,112 --repeats 5
+"""
+
+import argparse
+import functools
+import os
+import sys
+from typing import Optional, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from experiments.benchmark import (cpu_description, interleaved_seconds,  # noqa: E402
+                                   parse_shape)
+
+
+def profile(shape: Sequence[int], steps: int, repeats: int) -> dict:
+    """Median seconds of each part (module docstring), keyed by part name."""
+    import jax
+    import jax.numpy as jnp
+    from ofg_jax import grad_loss, ncc_to, refine, registration_energy, warp
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    moving = jax.random.uniform(keys[0], tuple(shape))
+    fixed = jax.random.uniform(keys[1], tuple(shape))
+    disp = 2.0 * jax.random.normal(keys[2], (*shape, len(shape)))
+    r = jax.random.normal(keys[3], tuple(shape))
+    similarity = ncc_to(fixed)
+    warped = warp(moving, disp)
+
+    parts = {
+        "warp": (jax.value_and_grad(lambda d: jnp.sum(warp(moving, d) * r)), disp),
+        "ncc": (jax.value_and_grad(similarity), warped),
+        "grad_loss": (jax.value_and_grad(grad_loss), disp),
+        "energy": (jax.value_and_grad(
+            lambda d: registration_energy(moving, fixed, d)), disp),
+        "refine_per_step": (functools.partial(refine, moving, fixed, steps=steps), disp),
+    }
+    calls = {}
+    for name, (fn, arg) in parts.items():
+        compiled = jax.jit(fn).lower(arg).compile()
+        calls[name] = lambda c=compiled, a=arg: jax.block_until_ready(c(a))
+    medians = interleaved_seconds(calls, repeats, warmup=1)[0]
+    medians["refine_per_step"] /= steps
+    return medians
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="80,96,112", help="volume size D,H,W")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="iterations of the timed refine call")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (median)")
+    args = parser.parse_args(argv)
+    shape = parse_shape(args.shape)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1")
+    medians = profile(shape, args.steps, args.repeats)
+    import jax
+    device = jax.devices()[0]
+    where = (f"cpu: {cpu_description()}" if device.platform == "cpu"
+             else f"{device.platform}: {device.device_kind}")
+    print(f"refine iteration parts, {'x'.join(map(str, shape))}, median of "
+          f"{args.repeats}; {where}")
+    print("| part | ms |\n|---|---:|")
+    for name, seconds in medians.items():
+        print(f"| {name} | {seconds * 1e3:.1f} |")
+    return medians
+
+
+if __name__ == "__main__":
+    main()
