@@ -54,6 +54,18 @@ def test_box_sum_matches_numpy(shape):
     np.testing.assert_allclose(got, numpy_window_sums(x, 9), atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(9, 13), (6, 7, 10)])
+def test_box_sum_gradient_is_a_box_sum(shape):
+    # A box sum with zero padding is symmetric: its vector-Jacobian product is
+    # the box sum of the cotangent.
+    rng = np.random.default_rng(1)
+    x, g = (jnp.asarray(rng.normal(size=(*shape, 2)), jnp.float32) for _ in range(2))
+    _, vjp = jax.vjp(lambda v: box_sum(v, 5), x)
+    for c in range(2):
+        np.testing.assert_allclose(vjp(g)[0][..., c], numpy_window_sums(
+            np.asarray(g[..., c]), 5), atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(30, 26), (14, 16, 18)])
 def test_matches_torch_dense_conv_ncc(shape):
     torch = pytest.importorskip("torch")
