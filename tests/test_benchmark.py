@@ -80,6 +80,22 @@ def test_rejects_a_bad_shape():
         benchmark.parse_shape("64,x,64")
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["--torch-repeats", "0"], "--torch-repeats"),
+    (["--torch-warmup", "-1"], "--torch-warmup"),
+])
+def test_rejects_bad_counts(argv, name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code != 0 and name in capsys.readouterr().err
+
+
+def test_profile_refine_rejects_zero_steps(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_refine.main(["--steps", "0"])
+    assert exit_info.value.code != 0 and "--steps" in capsys.readouterr().err
+
+
 def test_interleaved_seconds_warms_up_then_times_rounds_in_turn():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
