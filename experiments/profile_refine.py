@@ -6,8 +6,9 @@ the optimiser update. This script jits and times each part alone, on one pair of
 random images and a random field (2 voxels standard deviation):
 
 - ``warp``: value and gradient of ``sum(warp(moving, disp) * r)`` in ``disp``;
-- ``ncc``: value and gradient of ``ncc_to(fixed)`` in the warped image (five box
-  sums forward, three of them on the warped image's maps, and their transposes);
+- ``ncc``: value and gradient of ``ncc_to(fixed)`` in the warped image (box sums
+  of three maps of the warped image and their transposes; the fixed image's two
+  are computed once, outside, as in ``refine``);
 - ``grad_loss``: value and gradient of the smoothness term;
 - ``energy``: value and gradient of the whole energy (one iteration without the
   update), to compare with the sum of the parts;
