@@ -23,12 +23,17 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
 
 import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from experiments.benchmark import interleaved_seconds, peak_rss_mb  # noqa: E402
 
 ENTRIES = ("jax:voxelmorph", "jax-xla:voxelmorph", "jax:vitvnet", "jax:transmorph",
            "torch:voxelmorph")
@@ -146,12 +151,6 @@ def make_torch_voxelmorph(size, threads):
 # ---------------------------------------------------------------------------
 
 
-def _time(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", default="jax:voxelmorph,torch:voxelmorph",
@@ -184,15 +183,15 @@ def main(argv=None):
                 name, args.size, "xla" if kind == "jax-xla" else "auto", overrides)
         fwd()
         fwd_bwd()  # warm-up: compilation (JAX) or allocator warm-up (PyTorch)
-        runs[entry] = dict(fwd=fwd, fwd_bwd=fwd_bwd, params=n_params, times_fwd=[],
-                           times_fwd_bwd=[], setup_s=time.perf_counter() - start)
+        runs[entry] = dict(fwd=fwd, fwd_bwd=fwd_bwd, params=n_params,
+                           setup_s=time.perf_counter() - start)
         print(f"{entry}: set up and warmed up in {runs[entry]['setup_s']:.1f} s",
               file=sys.stderr, flush=True)
 
-    for _ in range(args.repeats):
-        for entry, run in runs.items():
-            run["times_fwd"].append(_time(run["fwd"]))
-            run["times_fwd_bwd"].append(_time(run["fwd_bwd"]))
+    calls = {}
+    for entry, run in runs.items():
+        calls[f"{entry}/fwd"], calls[f"{entry}/fwd_bwd"] = run["fwd"], run["fwd_bwd"]
+    times = interleaved_seconds(calls, args.repeats, warmup=0)[1]
 
     size = "x".join(map(str, args.size))
     print(f"\n{datetime.date.today()}, {platform.node() or 'host'}: {os.cpu_count()} CPUs, "
@@ -203,14 +202,13 @@ def main(argv=None):
     results = []
     for entry, run in runs.items():
         kind, name = entry.split(":")
-        fwd, fb = run["times_fwd"], run["times_fwd_bwd"]
+        fwd, fb = times[f"{entry}/fwd"], times[f"{entry}/fwd_bwd"]
         framework = {"jax": "JAX", "jax-xla": "JAX, XLA conv", "torch": "PyTorch"}[kind]
         print(f"| {name} | {framework} | {run['params']:,} | {statistics.median(fwd):.2f} "
               f"({min(fwd):.2f}) | {statistics.median(fb):.2f} ({min(fb):.2f}) |")
         results.append(dict(entry=entry, params=run["params"], forward_s=fwd,
                             forward_backward_s=fb, setup_s=run["setup_s"]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print(f"\npeak resident memory of the process: {peak:.1f} GiB")
+    print(f"\npeak resident memory of the process: {peak_rss_mb() / 1024:.1f} GiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(size=args.size, repeats=args.repeats, results=results,

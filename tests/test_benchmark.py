@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from experiments import benchmark, plot_benchmark, profile_refine  # noqa: E402
+from experiments import bench_models, benchmark, plot_benchmark, profile_refine  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,3 +126,16 @@ def test_profile_refine_times_every_part():
     medians = profile_refine.main(["--shape", "8,8,8", "--steps", "2", "--repeats", "1"])
     assert set(medians) == {"warp", "ncc", "grad_loss", "energy", "refine_per_step"}
     assert all(seconds > 0 for seconds in medians.values())
+
+
+def test_bench_models_times_each_entry(tmp_path):
+    out = tmp_path / "models.json"
+    bench_models.main(["--entries", "jax:voxelmorph,torch:voxelmorph", "--size",
+                       "16x16x16", "--repeats", "2", "--json", str(out)])
+    with open(out) as f:
+        results = json.load(f)["results"]
+    assert [r["entry"] for r in results] == ["jax:voxelmorph", "torch:voxelmorph"]
+    for r in results:
+        assert r["params"] == 274387
+        assert len(r["forward_s"]) == len(r["forward_backward_s"]) == 2
+        assert all(t > 0 for t in r["forward_s"] + r["forward_backward_s"])
