@@ -45,7 +45,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from experiments.benchmark import cpu_description  # noqa: E402
+from experiments.benchmark import (  # noqa: E402
+    cpu_description, interleaved_seconds, synthetic_batch)
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.py")
 DEFAULT_WORKDIR = os.path.join("workdir", "experiments")
@@ -214,6 +215,72 @@ def make_record(run: Run, directory: str, summary: dict[str, Any]) -> dict[str, 
 def run_all(base, runs: Iterable[Run], workdir: str, **kwargs) -> list[dict[str, Any]]:
     setup_compilation_cache(workdir)
     return [train_run(base, run, workdir, **kwargs) for run in runs]
+
+
+def timed_step_seconds(base, settings: dict[str, dict[str, Any]], repeats: int,
+                       warmup: int = 1) -> dict[str, float]:
+    """Median seconds of one training step per setting, timed in turn in one process.
+
+    ``settings`` maps a label to config overrides (as in :class:`Run`). Each
+    setting's jitted ``ofg_jax.train`` step runs on one batch of smooth random
+    images of the data's grid and ``train.batch_size``, round by round
+    (``benchmark.interleaved_seconds``): unlike the ``steps_per_second`` of runs
+    trained at different times, the ratios are not skewed by the machine's load.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    from ofg_jax import data as data_lib, models, train  # pylint: disable=g-import-not-at-top
+    img_size = tuple(data_lib.create(base.data, base.seed).img_size)
+    moving, fixed = synthetic_batch(img_size, base.train.batch_size)
+    batch = {"moving": jax.device_put(moving), "fixed": jax.device_put(fixed)}
+    steps_per_epoch = 10 ** 6  # Keeps the learning rates at their epoch-0 values.
+    calls = {}
+    for label, overrides in settings.items():
+        config = apply_overrides(base, overrides)
+        train.validate_config(config)
+        model = models.create(config.model.name, img_size,
+                              **train.model_overrides(config))
+        state = train.create_train_state(config, model, img_size, steps_per_epoch)
+        compiled = train.make_train_step(config, steps_per_epoch).lower(
+            state, batch).compile()
+        holder = {"state": state}
+
+        def call(compiled=compiled, holder=holder):
+            holder["state"], metrics = compiled(holder["state"], batch)
+            jax.block_until_ready(metrics)
+
+        calls[label] = call
+    log(f"timing {', '.join(calls)} in turn: {warmup} + {repeats} rounds")
+    medians, _, _ = interleaved_seconds(calls, repeats, warmup)
+    return medians
+
+
+def add_time_repeats_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--time-repeats", type=int, default=10,
+                        help="rounds of the step timing after the runs "
+                             "(default 10; 0 skips it)")
+
+
+def time_steps(base, runs: Sequence[Run], records: Sequence[dict], repeats: int,
+               reference: Optional[str] = None) -> tuple[dict[str, float], str]:
+    """Times every label's training step with :func:`timed_step_seconds`.
+
+    Sets ``timed_step_s`` in each record; returns the seconds per label and a
+    markdown paragraph with the table (``× reference``: relative to that label).
+    """
+    settings = {}
+    for run in runs:
+        settings.setdefault(run.label, run.overrides)
+    seconds = timed_step_seconds(base, settings, repeats)
+    for record in records:
+        record["timed_step_s"] = seconds[record["label"]]
+    header = ["setting", "s / step"] + ([f"× {reference}"] if reference else [])
+    rows = [[label, f"{value:.4f}"]
+            + ([f"{value / seconds[reference]:.2f}"] if reference else [])
+            for label, value in seconds.items()]
+    text = ("Step time, every setting's jitted step timed in turn in one process "
+            f"(median of {repeats} rounds after a warm-up round):\n\n"
+            + markdown_table(header, rows))
+    return seconds, text
 
 
 def jsonable(value: Any) -> Any:

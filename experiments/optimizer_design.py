@@ -18,7 +18,9 @@ The OFG target of every training pair comes from
   smaller step than the per-voxel 0.1; on a 32^3 demo pair, 10 steps at 1e-3,
   3e-3, 1e-2 and 3e-2 reached energies -0.605, -0.628, -0.593 and +130, against
   -0.714 for the instance optimiser, from -0.590).
-Columns: final Dice, % non-positive Jacobian, seconds per training step. Paper
+Columns: final Dice, % non-positive Jacobian, seconds per training step
+(``summary.json``), then each design's step timed in turn in one process
+(``--time-repeats``, as in ``inner_steps.py``). Paper
 (Table 5): instance best; network-based 0.642 Dice at 13.6% folding,
 downsampled 0.610.
 """
@@ -39,6 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--designs", default=",".join(DESIGNS))
     parser.add_argument("--network-width", type=int, default=32)
     parser.add_argument("--network-lr", type=float, default=3e-3)
+    common.add_time_repeats_flag(parser)
     args = common.parse_args(parser, argv)
     base = common.apply_overrides(common.load_config(args.config),
                                   common.parse_sets(args.set))
@@ -60,7 +63,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     notes = ((f"network: cascaded VoxelMorph of width {args.network_width}, inner "
               f"lr {args.network_lr}; " if "network" in designs else "")
              + "final validation metrics, mean ± std over seeds.")
-    common.write_results(NAME, args, records, table, [c[0] for c in columns], notes)
+    timed = {}
+    if args.time_repeats > 0:
+        reference = "instance" if "instance" in designs else None
+        timed, text = common.time_steps(base, runs, records, args.time_repeats,
+                                        reference)
+        notes += "\n\n" + text
+    common.write_results(NAME, args, records, table, [c[0] for c in columns], notes,
+                         extra={"timed_step_s": timed})
     return {"records": records, "table": table}
 
 

@@ -4,7 +4,8 @@
 
 For every JSON given:
 - ``inner_steps.json``: Dice against inner steps, and Dice against seconds per
-  training step (mean ± std over seeds);
+  training step (mean ± std over seeds; the step times measured in turn where
+  the experiment took them);
 - ``test_time_refinement.json``: Dice against refinement steps, and Dice against
   seconds per pair, for "network + k steps" and "zero field + n steps";
 - every experiment whose records name per-pair evaluation CSVs (``eval_csv``):
@@ -73,10 +74,13 @@ def plot_inner_steps(result, out):
            title="Dice against OFG steps")
     ax.legend()
     paths.append(_save(fig, out, "inner_steps_dice_vs_steps.png"))
+    # The step times measured in turn where the experiment took them.
+    time_key = ("timed_step_s" if any("timed_step_s" in r for r in result["records"])
+                else "seconds_per_step")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    _curve(ax, ofg, "seconds_per_step", "OFG")
+    _curve(ax, ofg, time_key, "OFG")
     if unsup:
-        _curve(ax, unsup, "seconds_per_step", "unsupervised", marker="s")
+        _curve(ax, unsup, time_key, "unsupervised", marker="s")
     ax.set(xlabel="seconds per training step", ylabel="validation Dice",
            title="Dice against training time")
     ax.legend()

@@ -88,20 +88,28 @@ def test_small_transformer_overrides_fit_the_architectures():
 
 
 def test_inner_steps(workdir):
-    inner_steps.main(argv(workdir, "--steps", "1,2"))
+    inner_steps.main(argv(workdir, "--steps", "1,2", "--time-repeats", "1"))
     result = check_outputs(workdir, "inner_steps",
                            ["unsupervised", "OFG 1 steps", "OFG 2 steps"],
-                           ("dice", "non_pos_jacobian_pct", "seconds_per_step",
-                            "time_vs_unsupervised"))
+                           ("dice", "non_pos_jacobian_pct", "seconds_per_step"))
     assert sorted(r["ofg_steps"] for r in result["records"]) == [0, 1, 2]
+    timed = result["timed_step_s"]
+    assert list(timed) == ["unsupervised", "OFG 1 steps", "OFG 2 steps"]
+    assert all(seconds > 0 for seconds in timed.values())
+    assert all(r["timed_step_s"] == timed[r["label"]] for r in result["records"])
+    with open(os.path.join(workdir, "inner_steps.md")) as f:
+        markdown = f.read()
+    ratio = timed["OFG 2 steps"] / timed["unsupervised"]
+    assert f"| OFG 2 steps | {timed['OFG 2 steps']:.4f} | {ratio:.2f} |" in markdown
 
 
 def test_optimizer_design(workdir):
     # "downsampled" is only ofg.downsample=2 (tested in test_refine.py); left out
     # to keep these tests quick.
     optimizer_design.main(argv(workdir, "--designs", "instance,network",
-                               "--network-width", "2"))
-    check_outputs(workdir, "optimizer_design", ["instance", "network"])
+                               "--network-width", "2", "--time-repeats", "0"))
+    result = check_outputs(workdir, "optimizer_design", ["instance", "network"])
+    assert result["timed_step_s"] == {}
 
 
 def test_ofg_intensity(workdir):
