@@ -402,6 +402,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
     args.argv = argv
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if getattr(args, "time_repeats", 0) < 0:
+        parser.error("--time-repeats must be >= 0")
     return args
 
 

@@ -103,6 +103,16 @@ def test_inner_steps(workdir):
     assert f"| OFG 2 steps | {timed['OFG 2 steps']:.4f} | {ratio:.2f} |" in markdown
 
 
+@pytest.mark.parametrize("extra, name", [
+    (["--seeds", "0"], "--seeds"),
+    (["--time-repeats", "-1"], "--time-repeats"),
+])
+def test_rejects_bad_counts(extra, name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inner_steps.main(["--steps", "1", *extra])
+    assert exit_info.value.code != 0 and name in capsys.readouterr().err
+
+
 def test_optimizer_design(workdir):
     # "downsampled" is only ofg.downsample=2 (tested in test_refine.py); left out
     # to keep these tests quick.
