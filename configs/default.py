@@ -19,8 +19,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
+    # The grid (D, H, W). None = read from the data (the synthetic data needs it).
+    config.data.img_size = config_dict.placeholder(tuple)
 
     # Any name known to `ofg_jax.models.create`: voxelmorph, vitvnet, transmorph.
+    # The chosen network's options (widths, windows, `diffeomorphic`, `dtype`, ...)
+    # are added to `model` with their published defaults when the config is
+    # loaded, so `--config.model.<option>=...` works for each of them.
     config.model = ml_collections.ConfigDict()
     config.model.name = "voxelmorph"
 
@@ -34,9 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-4  # At epoch 0; decays polynomially by epoch.
     # The paper suggests 0.02 for small data sets; the reference code uses 0.
     config.train.weight_decay = 0.0
-    # Weight of Grad(pred) in the model loss. None = the mode's reference value:
-    # 0.02 for "ofg", 1.0 for "unsupervised".
+    # Weight of Grad(pred) in the model loss. None = the mode's reference value
+    # below; pairs trained without an OFG target (ofg.every_epochs, ofg.fraction)
+    # always use the unsupervised one.
     config.train.reg_weight = config_dict.placeholder(float)
+    config.train.reference_reg_weight = ml_collections.ConfigDict(
+        {"ofg": 0.02, "unsupervised": 1.0})
     config.train.similarity = "ncc"  # Unsupervised mode only: "ncc" or "mse".
     config.train.log_every = 50  # Steps between training rows in metrics.csv.
     config.train.eval_every_epochs = 1  # 0 = evaluate only at step 0 and the end.

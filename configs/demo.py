@@ -25,8 +25,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_train = 32
     config.data.num_val = 4
     config.data.augment = False
-    config.data.scale_std = 0.1  # Half-box units: about 1.6 voxels at the border.
-    config.data.shift_std = 0.06  # About 1 voxel.
+    config.data.val_subjects = 4
+    config.data.phantom_seed = 0  # The anatomy and every subject; `seed` only orders.
+    # The subject transformations, in half-box units (1 = half the grid).
+    config.data.warp_rms = 0.05  # The smooth local deformation: ~1 voxel here.
+    config.data.scale_std = 0.1  # Global scaling: about 1.6 voxels at the border.
+    config.data.shift_std = 0.06  # Global shift: about 1 voxel.
+    config.data.noise_std = 0.02
+    config.data.bias_std = 0.1  # Std of the log bias field.
 
     config.train.epochs = 30
     config.train.learning_rate = 1e-3  # The reference's 1e-4 needs hundreds of epochs.

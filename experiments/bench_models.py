@@ -5,12 +5,13 @@ Times, in one process so that the numbers share the machine's conditions:
     forward+backward (gradient of ``sum(flow * r)`` for a fixed random ``r``,
     with respect to all parameters; dropout active for the transformers);
   * VoxelMorph with XLA's own 3D convolution (``conv_impl="xla"``) for contrast;
-  * a PyTorch VoxelMorph with the same architecture and parameter count.
+  * the PyTorch networks of the baselines (``experiments.torch_baseline``,
+    ``experiments.torch_networks``): same architectures and parameter counts.
 Repetitions are interleaved across the entries and the median (and min) of
 ``--repeats`` runs after one warm-up run is reported.
 
 Usage:
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python experiments/bench_models.py \\
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m experiments.bench_models \\
       --entries jax:voxelmorph,torch:voxelmorph --size 160x192x224 --repeats 3
 
 The glibc tunable makes malloc back large buffers with transparent huge pages;
@@ -29,14 +30,10 @@ import time
 
 import numpy as np
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from experiments.benchmark import interleaved_seconds, peak_rss_mb  # noqa: E402
+from experiments.timing import interleaved_seconds, peak_rss_mb
 
 ENTRIES = ("jax:voxelmorph", "jax-xla:voxelmorph", "jax:vitvnet", "jax:transmorph",
-           "torch:voxelmorph")
+           "torch:voxelmorph", "torch:vitvnet", "torch:transmorph")
 
 
 def _parse_size(text):
@@ -86,62 +83,31 @@ def make_jax_entry(name, size, conv_impl="auto", overrides=None):
 
 
 # ---------------------------------------------------------------------------
-# PyTorch VoxelMorph (the reference architecture, for the comparison only).
+# PyTorch
 
 
-def make_torch_voxelmorph(size, threads):
+def make_torch_entry(name, size, threads, overrides=None):
+    """Returns ``(forward, forward_backward, n_params)`` of a PyTorch baseline network."""
     import torch
-    from torch import nn
-    from torch.nn import functional
+    from experiments import torch_baseline, torch_networks
 
     torch.set_num_threads(threads)
-
-    class VoxelMorphTorch(nn.Module):
-        def __init__(self, enc=(8, 32, 32, 32), dec=(32, 32, 32, 32), final=(32, 8, 8)):
-            super().__init__()
-            channels = 2
-            self.enc = nn.ModuleList()
-            for features in enc:
-                self.enc.append(nn.Conv3d(channels, features, 3, 2, 1))
-                channels = features
-            # Each decoder conv after the first sees the upsampled features plus
-            # the encoder output one level up; the last skip is the input.
-            skip_widths = list(reversed(enc))[1:] + [2]
-            self.dec = nn.ModuleList()
-            for features, skip in zip(dec, [0] + skip_widths[:-1]):
-                self.dec.append(nn.Conv3d(channels + skip, features, 3, 1, 1))
-                channels = features
-            channels += skip_widths[-1]
-            self.final = nn.ModuleList()
-            for features in final:
-                self.final.append(nn.Conv3d(channels, features, 3, 1, 1))
-                channels = features
-            self.flow = nn.Conv3d(channels, 3, 3, 1, 1)
-
-        def forward(self, x):
-            skips, h = [x], x
-            for layer in self.enc:
-                h = functional.leaky_relu(layer(h), 0.2)
-                skips.append(h)
-            skips.pop()
-            for layer in self.dec:
-                h = functional.leaky_relu(layer(h), 0.2)
-                h = torch.cat([functional.interpolate(h, scale_factor=2, mode="nearest"),
-                               skips.pop()], dim=1)
-            for layer in self.final:
-                h = functional.leaky_relu(layer(h), 0.2)
-            return self.flow(h)
-
     torch.manual_seed(0)
-    net = VoxelMorphTorch()
+    if name == "voxelmorph":
+        net = torch_baseline.VoxelMorph()
+    else:
+        cls = {"vitvnet": torch_networks.ViTVNet, "transmorph": torch_networks.TransMorph}
+        net = cls[name](size, **(overrides or {}))
     x = torch.rand(1, 2, *size)
     r = torch.randn(1, 3, *size)
 
     def forward():
+        net.eval()
         with torch.no_grad():
             net(x)
 
     def forward_backward():
+        net.train()
         net.zero_grad(set_to_none=True)
         (net(x) * r).sum().backward()
 
@@ -173,12 +139,13 @@ def main(argv=None):
     for entry in entries:
         kind, name = entry.split(":")
         start = time.perf_counter()
+        overrides = {}
+        if name == "transmorph" and args.transmorph_window:
+            overrides["window_size"] = args.transmorph_window
         if kind == "torch":
-            fwd, fwd_bwd, n_params = make_torch_voxelmorph(args.size, args.threads)
+            fwd, fwd_bwd, n_params = make_torch_entry(name, args.size, args.threads,
+                                                      overrides)
         else:
-            overrides = {}
-            if name == "transmorph" and args.transmorph_window:
-                overrides["window_size"] = args.transmorph_window
             fwd, fwd_bwd, n_params = make_jax_entry(
                 name, args.size, "xla" if kind == "jax-xla" else "auto", overrides)
         fwd()

@@ -6,11 +6,11 @@ step, ``refine`` alone and the network forward pass. Every timing is the median
 over ``--repeats`` calls after ``--warmup`` untimed calls, the four functions
 called in turn (round-robin) so that a slow spell of a shared machine slows them
 alike; JAX outputs are blocked on. JAX compile time is reported separately: the
-ahead-of-time ``lower().compile()`` of the four functions plus
-``create_train_state`` (whose time is almost all the compilation of the
-initialiser).
+ahead-of-time ``lower().compile()`` of the four functions plus, for each of
+the two train steps, ``create_train_state`` (whose time is almost all the
+compilation of the initialiser).
 
-    python experiments/benchmark.py --shape 64,64,64 --inner-steps 10 \\
+    python -m experiments.benchmark --shape 64,64,64 --inner-steps 10 \\
         --repeats 3 --out bench_64.json [--torch-compile] [--breakdown] \\
         [--torch-repeats 1 --torch-warmup 0]
 
@@ -27,99 +27,21 @@ import collections
 import functools
 import json
 import os
-import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
+from experiments.timing import (CompiledStep, cpu_description, interleaved_seconds,
+                                parse_shape, peak_rss_mb, synthetic_batch)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 TIMED_KEYS = ("unsupervised_step_s", "ofg_step_s", "refine_s", "forward_s")
 RESULT_KEYS = TIMED_KEYS + ("compile_s", "peak_mb")
 FRAMEWORKS = ("jax", "torch", "torch_compile")
 INNER_LR = 0.1
-
-
-# ---------------------------------------------------------------------------
-# Shared helpers.
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``"D,H,W"`` -> ``(D, H, W)``; raises ``ValueError`` on anything else."""
-    try:
-        shape = tuple(int(n) for n in text.split(","))
-    except ValueError:
-        raise ValueError(f"--shape must be three integers like 64,64,64, got {text!r}")
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--shape must be three positive integers, got {text!r}")
-    return shape
-
-
-def synthetic_batch(shape: Sequence[int], batch: int, seed: int = 0):
-    """Smooth random ``(B, *shape)`` float32 moving and fixed images in [0, 1]."""
-    from scipy import ndimage
-    rng = np.random.default_rng(seed)
-
-    def image():
-        x = ndimage.gaussian_filter(rng.random(shape, dtype=np.float32), 2.0)
-        return (x - x.min()) / max(float(np.ptp(x)), 1e-6)
-
-    moving = np.stack([image() for _ in range(batch)]).astype(np.float32)
-    fixed = np.stack([image() for _ in range(batch)]).astype(np.float32)
-    return moving, fixed
-
-
-def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int,
-                        warmup: int) -> tuple[dict, dict, dict]:
-    """Median wall time of each ``fn()``, the functions called in turn.
-
-    ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls
-    every function once, in order, so that a slow spell of a shared machine falls
-    on all of them alike and their ratios stay meaningful. ``fn`` must return only
-    when its work is done (block on device outputs).
-
-    Returns ``(medians, all timings, first-call times)``; with ``warmup=0`` the
-    first calls are also the first timed ones.
-    """
-    times = {key: [] for key in fns}
-    first = {}
-    for round_ in range(warmup + repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - start
-            first.setdefault(key, elapsed)
-            if round_ >= warmup:
-                times[key].append(elapsed)
-    medians = {key: statistics.median(t) for key, t in times.items()}
-    return medians, times, first
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def cpu_description() -> str:
-    """``"<CPU model> (<n> cores)"`` from /proc/cpuinfo where available."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
 
 
 def log(message: str) -> None:
@@ -130,72 +52,48 @@ def log(message: str) -> None:
 # JAX.
 
 
-def jax_config(mode: str, inner_steps: int, batch: int):
-    """The reference training config (``configs.default``) for ``mode``."""
-    from configs import default
-    config = default.get_config()
-    config.train.mode = mode
-    config.train.batch_size = batch
-    config.ofg.steps = inner_steps
-    config.ofg.learning_rate = INNER_LR
-    return config
+def jax_config(model_name: str, mode: str, inner_steps: int, batch: int):
+    """The reference training config (``configs/default.py``) for ``mode``."""
+    from ofg_jax import config as config_lib
+    return config_lib.with_overrides(config_lib.load(DEFAULT_CONFIG), {
+        "model.name": model_name, "train.mode": mode, "train.batch_size": batch,
+        "ofg.steps": inner_steps, "ofg.learning_rate": INNER_LR})
 
 
 def run_jax(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
             warmup: int, breakdown: bool) -> dict:
-    """Times the jitted ``ofg_jax.train`` steps, ``refine`` and the forward pass."""
+    """Times the jitted ``ofg_jax`` train steps, ``refine`` and the forward pass."""
     import jax
     import jax.numpy as jnp
-    from ofg_jax import models, refine, train
+    from ofg_jax import refine
 
     device = jax.devices()[0]
-    model = models.create(model_name, tuple(shape))
     moving, fixed = (jax.device_put(x) for x in synthetic_batch(shape, batch))
     data = {"moving": moving, "fixed": fixed}
-    # A long epoch keeps both learning rates at their epoch-0 values.
-    steps_per_epoch = 10 ** 6
-    result, compile_times = {}, {}
-
-    # One initialisation for both modes (same optimiser); each step donates its
-    # state, so each mode gets its own copy.
-    start = time.perf_counter()
-    initial = train.create_train_state(jax_config("ofg", inner_steps, batch), model,
-                                       shape, steps_per_epoch)
-    jax.block_until_ready(initial)
-    compile_times["create_train_state"] = time.perf_counter() - start
-    calls, states = {}, {}
+    calls, compile_times = {}, {}
     for mode, key in (("unsupervised", "unsupervised_step_s"), ("ofg", "ofg_step_s")):
-        config = jax_config(mode, inner_steps, batch)
-        states[key] = jax.tree.map(jnp.copy, initial)
-        step_fn = train.make_train_step(config, steps_per_epoch)
-        start = time.perf_counter()
-        compiled = step_fn.lower(states[key], data).compile()
-        compile_times[key] = time.perf_counter() - start
-
-        def call(compiled=compiled, key=key):
-            states[key], metrics = compiled(states[key], data)
-            jax.block_until_ready((states[key].params, metrics))
-
-        calls[key] = call
+        calls[key] = CompiledStep(jax_config(model_name, mode, inner_steps, batch),
+                                  shape, data)
+        compile_times[key] = calls[key].compile_seconds
+    ofg_step = calls["ofg_step_s"]
+    model = ofg_step.model
+    initial_variables = jax.tree.map(jnp.copy, ofg_step.state.variables)
 
     pred_shape = (batch, *shape, len(shape))
     refine_batch = jax.jit(jax.vmap(functools.partial(
         refine, steps=inner_steps, learning_rate=INNER_LR)))
     disp = jnp.zeros(pred_shape, jnp.float32)
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     pair = jnp.stack([moving, fixed], axis=-1)
     for key, fn, args in (("refine_s", refine_batch, (moving, fixed, disp)),
-                          ("forward_s", forward, (initial.params, pair))):
+                          ("forward_s", forward, (initial_variables, pair))):
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_times[key] = time.perf_counter() - start
         calls[key] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
 
     log(f"jax: timing {', '.join(calls)}, interleaved")
-    medians, times, _ = interleaved_seconds(calls, repeats, warmup)
-    result.update(medians)
-    params = states["ofg_step_s"].params
-
+    result, times, _ = interleaved_seconds(calls, repeats, warmup)
     result["compile_s"] = sum(compile_times.values())
     result["compile_breakdown_s"] = compile_times
     result["ofg_over_unsupervised"] = result["ofg_step_s"] / result["unsupervised_step_s"]
@@ -203,8 +101,8 @@ def run_jax(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
     result["device"] = f"{device.platform}: {device.device_kind}"
     result["peak_mb"] = jax_peak_mb(device)
     if breakdown:
-        result["breakdown"] = jax_step_breakdown(model, params, moving, fixed,
-                                                 inner_steps, repeats, warmup)
+        result["breakdown"] = jax_step_breakdown(model, ofg_step.state.params, moving,
+                                                 fixed, inner_steps, repeats, warmup)
     return result
 
 
@@ -347,7 +245,7 @@ def spawn_worker(framework: str, model_name: str, args) -> dict:
     """Runs one framework in a fresh subprocess; ``{"error": ...}`` if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        command = [sys.executable, os.path.abspath(__file__), "--worker", framework,
+        command = [sys.executable, "-m", "experiments.benchmark", "--worker", framework,
                    "--worker-out", out, "--models", model_name, "--shape", args.shape,
                    "--batch", str(args.batch), "--inner-steps", str(args.inner_steps),
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup),
@@ -359,7 +257,7 @@ def spawn_worker(framework: str, model_name: str, args) -> dict:
         # exception if the worker fails.
         last_lines = collections.deque(maxlen=20)
         with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) as proc:
+                              text=True, cwd=REPO_ROOT) as proc:
             for line in proc.stderr:
                 sys.stderr.write(line)
                 if line.strip():

@@ -1,12 +1,12 @@
-"""Shared code of the paper's comparisons and ablations (``experiments/*.py``).
+"""Shared code of the paper's comparisons and ablations (``python -m experiments.X``).
 
-Every experiment script builds a list of :class:`Run` (a label, config overrides
-and a seed), trains each with ``ofg_jax.train.train_and_evaluate`` through
+Every experiment builds a list of :class:`Run` (a label, config overrides and a
+seed), trains each with ``ofg_jax.train.train_and_evaluate`` through
 :func:`run_all`, aggregates the metrics over seeds and writes
 ``<workdir>/<experiment>.json`` (everything) and ``<workdir>/<experiment>.md`` (the
 table, mean ± sample std over seeds), and prints the table.
 
-Command line shared by all scripts (:func:`make_parser`):
+Command line shared by all experiments (:func:`make_parser`):
 
     --config configs/demo.py      the base config (default: the synthetic demo)
     --set KEY=VALUE [KEY=VALUE ...]  overrides, e.g. --set train.epochs=4
@@ -14,10 +14,9 @@ Command line shared by all scripts (:func:`make_parser`):
     --seeds N                     seeds 0..N-1
     --workdir DIR                 root of the runs and results
 
-Values of ``--set`` are Python literals (``4``, ``1e-3``, ``'ncc'``, ``(4,8)``,
-``None``); anything else is a string. A key must exist in the config, except
-under ``model.`` (new keys go to ``ofg_jax.models.create``) and ``data.``
-(dataset-specific keys such as ``data.val_subjects``).
+``--set KEY=VALUE`` is ``--config.KEY=VALUE`` of ``python -m ofg_jax.main``: the
+same keys (the network's options among them), parsed the same way
+(``ofg_jax.config.load``).
 
 Runs are stored under ``<workdir>/runs/<hash of the full config>``: a run whose
 ``summary.json`` exists is not trained again, so experiments sharing a workdir
@@ -27,13 +26,10 @@ resumes where it stopped (``train_and_evaluate`` resumes unfinished runs).
 """
 
 import argparse
-import ast
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import json
-import math
 import os
 import shlex
 import sys
@@ -41,13 +37,10 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from experiments.timing import CompiledStep, device_description, interleaved_seconds
+from experiments.timing import synthetic_batch
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from experiments.benchmark import (  # noqa: E402
-    cpu_description, interleaved_seconds, synthetic_batch)
-
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.py")
 DEFAULT_WORKDIR = os.path.join("workdir", "experiments")
 
@@ -80,60 +73,10 @@ def float_list(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
-def load_config(path: str):
-    """``get_config()`` of the config file ``path`` (its ``configs`` package importable)."""
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: config file {path!r} not found")
-    folder = os.path.dirname(path)
-    if os.path.exists(os.path.join(folder, "__init__.py")):
-        parent = os.path.dirname(folder)
-        if parent not in sys.path:
-            sys.path.insert(0, parent)
-    spec = importlib.util.spec_from_file_location("_experiment_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def parse_value(text: str) -> Any:
-    """A Python literal (``4``, ``1e-3``, ``(4, 8)``, ``4,8``, ``None``) or the string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["a.b=1", ...]`` -> ``{"a.b": 1, ...}``."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = parse_value(value.strip())
-    return overrides
-
-
-def apply_overrides(config, overrides: dict[str, Any]):
-    """A copy of ``config`` with the dotted ``overrides`` set (unknown keys raise)."""
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    config = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-        *parents, field = key.split(".")
-        node = config
-        for parent in parents:
-            if parent not in node:
-                raise SystemExit(f"error: unknown config key {key!r}")
-            node = node[parent]
-        if field not in node and parents not in (["model"], ["data"]):
-            raise SystemExit(f"error: unknown config key {key!r}")
-        if isinstance(value, list):
-            value = tuple(value)
-        if field in node and isinstance(node[field], float) and isinstance(value, int):
-            value = float(value)
-        node[field] = value
-    return config
+def base_config(args: argparse.Namespace):
+    """The experiment's base config: ``--config`` with the ``--set`` overrides."""
+    from ofg_jax import config as config_lib
+    return config_lib.load(args.config, args.set)
 
 
 def config_hash(config) -> str:
@@ -154,6 +97,16 @@ def setup_compilation_cache(workdir: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def run_main(main: Callable[[], Any]) -> None:
+    """Runs an experiment's ``main()``; an expected error is one ``error:`` line."""
+    from ofg_jax import cli
+    try:
+        main()
+    except cli.EXPECTED_ERRORS as e:
+        cli.print_error(e)
+        sys.exit(cli.exit_status(e))
+
+
 # ---------------------------------------------------------------------------
 # Runs.
 
@@ -167,9 +120,8 @@ class Run:
 
 
 def run_config(base, run: Run):
-    config = apply_overrides(base, run.overrides)
-    config.seed = int(run.seed)
-    return config
+    from ofg_jax import config as config_lib
+    return config_lib.with_overrides(base, {**run.overrides, "seed": int(run.seed)})
 
 
 def run_dir(workdir: str, config) -> str:
@@ -222,33 +174,22 @@ def timed_step_seconds(base, settings: dict[str, dict[str, Any]], repeats: int,
     """Median seconds of one training step per setting, timed in turn in one process.
 
     ``settings`` maps a label to config overrides (as in :class:`Run`). Each
-    setting's jitted ``ofg_jax.train`` step runs on one batch of smooth random
-    images of the data's grid and ``train.batch_size``, round by round
-    (``benchmark.interleaved_seconds``): unlike the ``steps_per_second`` of runs
+    setting's compiled train step runs on one batch of smooth random images of
+    the data's grid and ``train.batch_size``, round by round
+    (``timing.interleaved_seconds``): unlike the ``steps_per_second`` of runs
     trained at different times, the ratios are not skewed by the machine's load.
     """
     import jax  # pylint: disable=g-import-not-at-top
-    from ofg_jax import data as data_lib, models, train  # pylint: disable=g-import-not-at-top
+    from ofg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from ofg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     img_size = tuple(data_lib.create(base.data, base.seed).img_size)
     moving, fixed = synthetic_batch(img_size, base.train.batch_size)
     batch = {"moving": jax.device_put(moving), "fixed": jax.device_put(fixed)}
-    steps_per_epoch = 10 ** 6  # Keeps the learning rates at their epoch-0 values.
     calls = {}
     for label, overrides in settings.items():
-        config = apply_overrides(base, overrides)
-        train.validate_config(config)
-        model = models.create(config.model.name, img_size,
-                              **train.model_overrides(config))
-        state = train.create_train_state(config, model, img_size, steps_per_epoch)
-        compiled = train.make_train_step(config, steps_per_epoch).lower(
-            state, batch).compile()
-        holder = {"state": state}
-
-        def call(compiled=compiled, holder=holder):
-            holder["state"], metrics = compiled(holder["state"], batch)
-            jax.block_until_ready(metrics)
-
-        calls[label] = call
+        config = config_lib.with_overrides(base, overrides)
+        config_lib.validate(config)
+        calls[label] = CompiledStep(config, img_size, batch)
     log(f"timing {', '.join(calls)} in turn: {warmup} + {repeats} rounds")
     medians, _, _ = interleaved_seconds(calls, repeats, warmup)
     return medians
@@ -355,21 +296,13 @@ def standard_table(records: Sequence[dict], columns=(DICE, JACOBIAN),
 # Outputs.
 
 
-def device_description() -> str:
-    import jax  # pylint: disable=g-import-not-at-top
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        return f"cpu: {cpu_description()}"
-    return f"{device.platform}: {device.device_kind}"
-
-
 def write_results(name: str, args: argparse.Namespace, records: Sequence[dict],
                   table: str, metrics: Sequence[str], notes: str = "",
                   extra: Optional[dict[str, Any]] = None) -> tuple[str, str]:
     """Writes ``<workdir>/<name>.json`` and ``.md``, prints the table; returns the paths."""
     os.makedirs(args.workdir, exist_ok=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = shlex.join(["python", f"experiments/{name}.py"]
+    command = shlex.join(["python", "-m", f"experiments.{name}"]
                          + list(getattr(args, "argv", []) or []))
     payload = {
         "experiment": name, "date": date, "device": device_description(),
@@ -406,6 +339,3 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
         parser.error("--time-repeats must be >= 0")
     return args
 
-
-def is_finite(value: Optional[float]) -> bool:
-    return value is not None and math.isfinite(value)

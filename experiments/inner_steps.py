@@ -1,8 +1,8 @@
 """Experiment 2 (ablation "optimisation steps"): OFG with 1..15 inner steps.
 
-    python experiments/inner_steps.py                          # demo, 3 seeds
-    python experiments/inner_steps.py --steps 1,3,5,10,15 --seeds 1
-    python experiments/inner_steps.py --config configs/ixi.py \\
+    python -m experiments.inner_steps                          # demo, 3 seeds
+    python -m experiments.inner_steps --steps 1,3,5,10,15 --seeds 1
+    python -m experiments.inner_steps --config configs/ixi.py \\
         --set data.root=/data/IXI_data --steps 1,5,10,15 --seeds 1
 
 One OFG run per ``ofg.steps`` value (and, unless ``--no-unsupervised``, the
@@ -18,10 +18,7 @@ more training time than unsupervised training.
 
 from typing import Optional, Sequence
 
-try:
-    from experiments import common
-except ImportError:
-    import common  # type: ignore
+from experiments import common
 
 NAME = "inner_steps"
 
@@ -34,8 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="skip the unsupervised reference run")
     common.add_time_repeats_flag(parser)
     args = common.parse_args(parser, argv)
-    base = common.apply_overrides(common.load_config(args.config),
-                                  common.parse_sets(args.set))
+    base = common.base_config(args)
     runs = []
     if not args.no_unsupervised:
         runs += [common.Run("unsupervised", {"train.mode": "unsupervised"}, seed)
@@ -64,4 +60,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

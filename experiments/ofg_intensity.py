@@ -1,9 +1,9 @@
 """Experiment 4 (ablation "OFG intensity"): less OFG in three forms.
 
-    python experiments/ofg_intensity.py                        # demo, 3 seeds
-    python experiments/ofg_intensity.py --every 2,4 --ncc-weights 1 \\
+    python -m experiments.ofg_intensity                        # demo, 3 seeds
+    python -m experiments.ofg_intensity --every 2,4 --ncc-weights 1 \\
         --fractions 0.5 --seeds 1
-    python experiments/ofg_intensity.py --config configs/lpba.py \\
+    python -m experiments.ofg_intensity --config configs/lpba.py \\
         --set data.root=/data/LPBA40
 
 1. optimisation frequency: OFG targets only in every k-th epoch
@@ -20,10 +20,7 @@ paper (Fig. 4) finds accuracy falling as the intensity falls, in all three forms
 
 from typing import Optional, Sequence
 
-try:
-    from experiments import common
-except ImportError:
-    import common  # type: ignore
+from experiments import common
 
 NAME = "ofg_intensity"
 
@@ -37,8 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--fractions", type=common.float_list, default=[0.5, 0.25],
                         help="values of ofg.fraction besides 1 (default 0.5,0.25)")
     args = common.parse_args(parser, argv)
-    base = common.apply_overrides(common.load_config(args.config),
-                                  common.parse_sets(args.set))
+    base = common.base_config(args)
     variants = [("OFG (k=1, λ=0, p=1)", {})]
     variants += [(f"every {k} epochs", {"ofg.every_epochs": k}) for k in args.every]
     variants += [(f"+ {w:g} × NCC", {"ofg.ncc_weight": float(w)})
@@ -58,4 +54,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,8 +1,8 @@
 """Experiment 1 (the paper's Table 1): unsupervised vs OFG training, per network.
 
-    python experiments/ofg_vs_unsupervised.py                 # demo, 3 seeds
-    python experiments/ofg_vs_unsupervised.py --models voxelmorph --seeds 2
-    python experiments/ofg_vs_unsupervised.py --config configs/ixi.py \\
+    python -m experiments.ofg_vs_unsupervised                 # demo, 3 seeds
+    python -m experiments.ofg_vs_unsupervised --models voxelmorph --seeds 2
+    python -m experiments.ofg_vs_unsupervised --config configs/ixi.py \\
         --set data.root=/data/IXI_data --seeds 1 --workdir workdir/ixi_table1
 
 Each network is trained with ``train.mode=unsupervised`` and ``train.mode=ofg``
@@ -26,10 +26,7 @@ stays on the config's grid) and:
 
 from typing import Optional, Sequence
 
-try:
-    from experiments import common
-except ImportError:  # Run as a script: experiments/ is not a package on the path.
-    import common  # type: ignore
+from experiments import common
 
 NAME = "ofg_vs_unsupervised"
 MODELS = ("voxelmorph", "vitvnet", "transmorph")
@@ -60,8 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--small-transformers", choices=("auto", "on", "off"),
                         default="auto")
     args = common.parse_args(parser, argv)
-    base = common.apply_overrides(common.load_config(args.config),
-                                  common.parse_sets(args.set))
+    base = common.base_config(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -105,4 +101,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,8 +1,8 @@
 """Experiment 3 (ablation "optimiser design"): instance, downsampled, network-based.
 
-    python experiments/optimizer_design.py                     # demo, 3 seeds
-    python experiments/optimizer_design.py --seeds 1 --network-width 8
-    python experiments/optimizer_design.py --config configs/ixi.py \\
+    python -m experiments.optimizer_design                     # demo, 3 seeds
+    python -m experiments.optimizer_design --seeds 1 --network-width 8
+    python -m experiments.optimizer_design --config configs/ixi.py \\
         --set data.root=/data/IXI_data --seeds 1
 
 The OFG target of every training pair comes from
@@ -27,10 +27,7 @@ downsampled 0.610.
 
 from typing import Optional, Sequence
 
-try:
-    from experiments import common
-except ImportError:
-    import common  # type: ignore
+from experiments import common
 
 NAME = "optimizer_design"
 DESIGNS = ("instance", "downsampled", "network")
@@ -43,8 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--network-lr", type=float, default=3e-3)
     common.add_time_repeats_flag(parser)
     args = common.parse_args(parser, argv)
-    base = common.apply_overrides(common.load_config(args.config),
-                                  common.parse_sets(args.set))
+    base = common.base_config(args)
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]
     if set(designs) - set(DESIGNS):
         parser.error(f"unknown designs {sorted(set(designs) - set(DESIGNS))}")
@@ -75,4 +71,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

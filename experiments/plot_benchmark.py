@@ -1,6 +1,6 @@
 """Log-log plot of training-step time against volume size from benchmark JSONs.
 
-    python experiments/plot_benchmark.py bench_64.json bench_full.json --out plot.png
+    python -m experiments.plot_benchmark bench_64.json bench_full.json --out plot.png
 
 Each input is a file written by ``experiments/benchmark.py`` (one record or a
 list of records). One line per framework and step (unsupervised, OFG), time in

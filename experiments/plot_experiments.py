@@ -1,6 +1,6 @@
 """Plots of the experiments' JSON results.
 
-    python experiments/plot_experiments.py workdir/experiments/*.json --out plots/
+    python -m experiments.plot_experiments workdir/experiments/*.json --out plots/
 
 For every JSON given:
 - ``inner_steps.json``: Dice against inner steps, and Dice against seconds per
@@ -31,15 +31,6 @@ import numpy as np
 def _mean_std(values):
     values = np.asarray(values, float)
     return values.mean(), (values.std(ddof=1) if len(values) > 1 else 0.0)
-
-
-def _grouped(records, key):
-    """``{x: [records]}`` over records with a non-None ``key``, sorted by x."""
-    groups = collections.defaultdict(list)
-    for r in records:
-        if r.get(key) is not None:
-            groups[r[key]].append(r)
-    return dict(sorted(groups.items()))
 
 
 def _curve(ax, records, x_key, label, marker="o"):

@@ -16,21 +16,14 @@ random images and a random field (2 voxels standard deviation):
 
 Median of ``--repeats`` interleaved rounds after one warm-up round:
 
-    python experiments/profile_refine.py --shape 80,96,112 --repeats 5
+    python -m experiments.profile_refine --shape 80,96,112 --repeats 5
 """
 
 import argparse
 import functools
-import os
-import sys
 from typing import Optional, Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from experiments.benchmark import (cpu_description, interleaved_seconds,  # noqa: E402
-                                   parse_shape)
+from experiments.timing import device_description, interleaved_seconds, parse_shape
 
 
 def profile(shape: Sequence[int], steps: int, repeats: int) -> dict:
@@ -77,12 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
     medians = profile(shape, args.steps, args.repeats)
-    import jax
-    device = jax.devices()[0]
-    where = (f"cpu: {cpu_description()}" if device.platform == "cpu"
-             else f"{device.platform}: {device.device_kind}")
     print(f"refine iteration parts, {'x'.join(map(str, shape))}, median of "
-          f"{args.repeats}; {where}")
+          f"{args.repeats}; {device_description()}")
     print("| part | ms |\n|---|---:|")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds * 1e3:.1f} |")

@@ -1,8 +1,8 @@
 """Experiment 6: ANTs SyN (antspyx) on the validation pairs, as the classical baseline.
 
-    python experiments/syn_baseline.py                         # demo data
-    python experiments/syn_baseline.py --type-of-transform SyNOnly --syn-metric CC
-    python experiments/syn_baseline.py --config configs/ixi.py --set data.root=/data/IXI_data
+    python -m experiments.syn_baseline                         # demo data
+    python -m experiments.syn_baseline --type-of-transform SyNOnly --syn-metric CC
+    python -m experiments.syn_baseline --config configs/ixi.py --set data.root=/data/IXI_data
 
 Needs antspyx (``pip install antspyx``, or the ``syn`` extra:
 ``pip install -e ".[syn]"``). antspyx 0.6 pins ``numpy<2.4`` and ``scipy<1.16``; to
@@ -17,7 +17,7 @@ which ITK defines at each fixed-image point ``x`` as the physical vector ``d(x)`
 with the moving point at ``x + d(x)``: ofg_jax's convention, once ``d`` is
 converted from physical to voxel units along the array axes
 (:func:`physical_to_voxel_displacement`). Dice and folding are then computed by
-``ofg_jax.evaluate.pair_metrics``, exactly as for the networks: moving labels
+``ofg_jax.evaluation.pair_metrics``, exactly as for the networks: moving labels
 warped with nearest neighbour, Dice over the dataset's labels of interest, % of
 voxels with a non-positive Jacobian determinant. ``--seeds N`` repeats the
 registration with ANTs random seeds 0..N-1 (the affine stage samples randomly).
@@ -32,10 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-try:
-    from experiments import common
-except ImportError:
-    import common  # type: ignore
+from experiments import common
 
 NAME = "syn_baseline"
 INSTALL_HINT = ("antspyx is not installed: run `pip install antspyx` (or "
@@ -70,11 +67,15 @@ def physical_to_voxel_displacement(field: np.ndarray, spacing: Sequence[float],
 
 def ants_register_fn(type_of_transform: str = "SyN", syn_metric: str = "mattes",
                      **kwargs) -> RegisterFn:
-    """A :data:`RegisterFn` running ``ants.registration``; exits if antspyx is missing."""
+    """A :data:`RegisterFn` running ``ants.registration``.
+
+    Raises:
+      FileNotFoundError: antspyx is not installed (the message says how to).
+    """
     try:
         import ants  # pylint: disable=g-import-not-at-top
     except ImportError:
-        raise SystemExit(f"error: {INSTALL_HINT}")
+        raise FileNotFoundError(INSTALL_HINT) from None
 
     def register(moving, fixed, seed):
         fixed_image = ants.from_numpy(np.asarray(fixed, np.float32))
@@ -103,9 +104,9 @@ def evaluate_registration(register: RegisterFn, pairs: Sequence[Any],
     """``(EvalResult, seconds per pair)`` of ``register`` on ``pairs``."""
     import jax
     import jax.numpy as jnp
-    from ofg_jax import evaluate as evaluate_lib
+    from ofg_jax import evaluation
     labels = tuple(int(label) for label in labels)
-    metrics_fn = jax.jit(lambda d, ms, fs: evaluate_lib.pair_metrics(d, ms, fs, labels))
+    metrics_fn = jax.jit(lambda d, ms, fs: evaluation.pair_metrics(d, ms, fs, labels))
     rows, seconds = [], []
     for pair in pairs:
         start = time.perf_counter()
@@ -119,15 +120,8 @@ def evaluate_registration(register: RegisterFn, pairs: Sequence[Any],
         dice, folding = jax.device_get(metrics_fn(
             jnp.asarray(disp), jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
-        row = {"name": str(pair.name), "dice": float(np.mean(dice)),
-               "non_pos_jacobian_pct": float(folding)}
-        row.update({f"dice_{l}": float(d) for l, d in zip(labels, dice)})
-        rows.append(row)
-    result = evaluate_lib.EvalResult(
-        dice=float(np.mean([r["dice"] for r in rows])),
-        non_pos_jacobian_pct=float(np.mean([r["non_pos_jacobian_pct"] for r in rows])),
-        rows=rows)
-    return result, float(np.mean(seconds))
+        rows.append(evaluation.pair_row(pair.name, dice, folding, labels))
+    return evaluation.EvalResult.from_rows(rows), float(np.mean(seconds))
 
 
 def main(argv: Optional[Sequence[str]] = None,
@@ -141,15 +135,14 @@ def main(argv: Optional[Sequence[str]] = None,
                         help="SyN similarity: mattes (default), CC, meansquares")
     args = common.parse_args(parser, argv)
     from ofg_jax import data as data_lib
-    from ofg_jax import evaluate as evaluate_lib
+    from ofg_jax import evaluation
     if register is None:
         register = ants_register_fn(args.type_of_transform, args.syn_metric)
-    base = common.apply_overrides(common.load_config(args.config),
-                                  common.parse_sets(args.set))
+    base = common.base_config(args)
     data = data_lib.create(base.data, base.seed)
     pairs, labels = data.val_pairs(), tuple(int(l) for l in data.labels)
-    identity = evaluate_lib.evaluate(evaluate_lib.make_identity_eval_fn(labels), None,
-                                     pairs, labels)
+    identity = evaluation.evaluate(evaluation.make_identity_eval_fn(labels), None,
+                                   pairs, labels)
     records = [{"label": "identity", "seed": 0, "dice": identity.dice,
                 "non_pos_jacobian_pct": identity.non_pos_jacobian_pct,
                 "seconds_per_pair": 0.0}]
@@ -158,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None,
         common.log(f"[{label} seed {seed}] registering {len(pairs)} pairs")
         result, seconds = evaluate_registration(register, pairs, labels, seed)
         csv_path = os.path.join(args.workdir, NAME, f"seed{seed}.csv")
-        evaluate_lib.write_rows(csv_path, result)
+        evaluation.write_rows(csv_path, result)
         records.append({"label": label, "seed": seed, "dice": result.dice,
                         "non_pos_jacobian_pct": result.non_pos_jacobian_pct,
                         "seconds_per_pair": seconds, "eval_csv": csv_path})
@@ -173,4 +166,4 @@ def main(argv: Optional[Sequence[str]] = None,
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,8 +1,8 @@
 """Experiment 7: OFG steps at inference, and instance optimisation alone.
 
-    python experiments/test_time_refinement.py                 # demo, 1 seed
-    python experiments/test_time_refinement.py --k 0,1,3,5,10,20 --zero-steps 10,50,100
-    python experiments/test_time_refinement.py --config configs/ixi.py \\
+    python -m experiments.test_time_refinement                 # demo, 1 seed
+    python -m experiments.test_time_refinement --k 0,1,3,5,10,20 --zero-steps 10,50,100
+    python -m experiments.test_time_refinement --config configs/ixi.py \\
         --set data.root=/data/IXI_data
 
 Trains the OFG network once per seed (or reuses the identical run of another
@@ -22,87 +22,59 @@ import os
 import time
 from typing import Optional, Sequence
 
-try:
-    from experiments import common
-except ImportError:
-    import common  # type: ignore
+from experiments import common
 
 NAME = "test_time_refinement"
 
 
-def restore_trained(config, directory: str, steps: int):
-    """``(data, model, variables, labels)`` of the run in ``directory`` at ``steps``."""
-    from ofg_jax import checkpoint as checkpoint_lib
-    from ofg_jax import data as data_lib
-    from ofg_jax import models
-    from ofg_jax import train
-    data = data_lib.create(config.data, config.seed)
-    img_size = tuple(data.img_size)
-    model = models.create(config.model.name, img_size, **train.model_overrides(config))
-    steps_per_epoch = len(data.train_plan(0)) // config.train.batch_size
-    state = train.create_train_state(config, model, img_size, steps_per_epoch)
-    checkpoints = checkpoint_lib.Checkpoints(os.path.join(directory, "checkpoints"),
-                                             config.checkpoint.keep_best)
-    try:
-        state, _ = checkpoints.restore(steps, state)
-    finally:
-        checkpoints.close()
-    labels = tuple(int(label) for label in data.labels)
-    return data, model, state.variables, labels
-
-
-def make_register_fn(model, config, steps: int, from_zero: bool):
-    """Jitted ``(variables, moving, fixed) -> disp``: network (or zero) + ``steps``."""
+def make_register_fn(trained, steps: int, from_zero: bool):
+    """Jitted ``(moving, fixed) -> disp``: the network (or zero) + ``steps`` steps of
+    the run's inner optimiser at its initial learning rate."""
+    import dataclasses
     import jax
     import jax.numpy as jnp
-    from ofg_jax import refine
+    from ofg_jax.inference import predict
+    from ofg_jax.refiner import RefineSettings, make_refiner
+
+    settings = dataclasses.replace(RefineSettings.from_config(trained.config.ofg),
+                                   steps=steps)
+    refiner = make_refiner(settings, trained.img_size)
 
     @jax.jit
     def register(variables, moving, fixed):
         if from_zero:
             disp = jnp.zeros(moving.shape + (moving.ndim,), jnp.float32)
         else:
-            pair = jnp.stack([moving, fixed], axis=-1)[None]
-            disp = model.apply(variables, pair, train=False)[0]
+            disp = predict(trained.model, variables, moving, fixed)
         if steps:
-            disp = refine(moving, fixed, disp, steps=steps,
-                          learning_rate=config.ofg.learning_rate,
-                          reg_weight=config.ofg.reg_weight,
-                          similarity=config.ofg.similarity,
-                          optimizer=config.ofg.optimizer,
-                          downsample=config.ofg.downsample)
+            disp = refiner(moving, fixed, disp, settings.learning_rate)
         return disp
 
-    return register
+    return lambda moving, fixed: register(trained.variables, moving, fixed)
 
 
-def evaluate_method(register, variables, pairs, labels):
-    """Per-pair metrics rows and the mean seconds per pair (after one warm-up)."""
+def evaluate_method(register, pairs, labels):
+    """Per-pair scores (``EvalResult``) and the mean seconds per pair (after one
+    warm-up call)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from ofg_jax import evaluate as evaluate_lib
-    metrics_fn = jax.jit(lambda d, ms, fs: evaluate_lib.pair_metrics(d, ms, fs, labels))
+    from ofg_jax import evaluation
+    metrics_fn = jax.jit(lambda d, ms, fs: evaluation.pair_metrics(d, ms, fs, labels))
     as_f32 = lambda x: jnp.asarray(x, jnp.float32)
-    jax.block_until_ready(register(variables, as_f32(pairs[0].moving),
+    jax.block_until_ready(register(as_f32(pairs[0].moving),
                                    as_f32(pairs[0].fixed)))  # Compilation.
     rows, seconds = [], []
     for pair in pairs:
         moving, fixed = as_f32(pair.moving), as_f32(pair.fixed)
         start = time.perf_counter()
-        disp = jax.block_until_ready(register(variables, moving, fixed))
+        disp = jax.block_until_ready(register(moving, fixed))
         seconds.append(time.perf_counter() - start)
         dice, folding = jax.device_get(metrics_fn(
             disp, jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
-        row = {"name": str(pair.name), "dice": float(np.mean(dice)),
-               "non_pos_jacobian_pct": float(folding)}
-        row.update({f"dice_{l}": float(d) for l, d in zip(labels, dice)})
-        rows.append(row)
-    return evaluate_lib.EvalResult(
-        dice=float(np.mean([r["dice"] for r in rows])),
-        non_pos_jacobian_pct=float(np.mean([r["non_pos_jacobian_pct"] for r in rows])),
-        rows=rows), float(np.mean(seconds))
+        rows.append(evaluation.pair_row(pair.name, dice, folding, labels))
+    return evaluation.EvalResult.from_rows(rows), float(np.mean(seconds))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -112,9 +84,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     parser.add_argument("--zero-steps", type=common.int_list, default=[10, 50, 100],
                         help="steps of refine from a zero field (default 10,50,100)")
     args = common.parse_args(parser, argv)
-    from ofg_jax import evaluate as evaluate_lib
-    base = common.apply_overrides(common.load_config(args.config),
-                                  common.parse_sets(args.set))
+    from ofg_jax import data as data_lib
+    from ofg_jax import evaluation
+    from ofg_jax import inference
+    base = common.base_config(args)
     trained = common.run_all(
         base, [common.Run("OFG network", {"train.mode": "ofg"}, seed)
                for seed in range(args.seeds)], args.workdir)
@@ -124,18 +97,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     records = []
     for training in trained:
         seed = training["seed"]
-        config = common.run_config(base, common.Run("", {"train.mode": "ofg"}, seed))
-        data, model, variables, labels = restore_trained(
-            config, training["workdir"], training["summary"]["steps"])
-        pairs = data.val_pairs()
+        network = inference.load_trained(training["workdir"],
+                                         training["summary"]["steps"])
+        data = data_lib.create(network.config.data, network.config.seed)
+        pairs, labels = data.val_pairs(), tuple(int(l) for l in data.labels)
         for label, steps, from_zero in methods:
             common.log(f"[seed {seed}] {label}")
             result, seconds = evaluate_method(
-                make_register_fn(model, config, steps, from_zero), variables, pairs,
-                labels)
+                make_register_fn(network, steps, from_zero), pairs, labels)
             slug = label.split(" (")[0].replace(" + ", "_").replace(" ", "_")
             csv_path = os.path.join(args.workdir, NAME, f"seed{seed}", f"{slug}.csv")
-            evaluate_lib.write_rows(csv_path, result)
+            evaluation.write_rows(csv_path, result)
             records.append({
                 "label": label, "seed": seed, "steps": steps, "from_zero": from_zero,
                 "trained_workdir": training["workdir"], "eval_csv": csv_path,
@@ -152,4 +124,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,15 +1,17 @@
 """ofg_jax: On-the-Fly Guidance training for deformable image registration in JAX."""
 
-from ofg_jax.metrics import dice, jacobian_determinant, non_positive_jacobian_pct
+from ofg_jax.losses import ofg_loss
+from ofg_jax.metrics import dice_per_label, jacobian_determinant, non_positive_jacobian_pct
 from ofg_jax.ncc import ncc, ncc_to
-from ofg_jax.optim import poly_lr, scale_by_torch_adam, torch_adam
-from ofg_jax.refine import ofg_loss, refine, registration_energy
+from ofg_jax.optim import scale_by_torch_adam, torch_adam
+from ofg_jax.refine import refine, registration_energy
 from ofg_jax.regularizers import grad_loss
+from ofg_jax.schedules import poly_lr
 from ofg_jax.warp import warp
 
 __all__ = [
-    "dice", "grad_loss", "jacobian_determinant", "ncc", "ncc_to", "non_positive_jacobian_pct",
-    "ofg_loss", "poly_lr", "refine", "registration_energy", "scale_by_torch_adam",
-    "torch_adam", "warp",
+    "dice_per_label", "grad_loss", "jacobian_determinant", "ncc", "ncc_to",
+    "non_positive_jacobian_pct", "ofg_loss", "poly_lr", "refine", "registration_energy",
+    "scale_by_torch_adam", "torch_adam", "warp",
 ]
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ def check_disp(disp_shape: Sequence[int], name: str = "disp") -> tuple[int, ...]
 
 
 def check_image(image_shape: Sequence[int], spatial: Sequence[int],
-                                name: str = "image") -> bool:
+                name: str = "image") -> bool:
     """Checks ``image_shape`` is ``spatial`` or ``(*spatial, C)``; returns has-channels."""
     image_shape, spatial = tuple(image_shape), tuple(spatial)
     if image_shape == spatial:
@@ -31,12 +31,12 @@ def check_image(image_shape: Sequence[int], spatial: Sequence[int],
     if image_shape[:-1] == spatial:
         return True
     raise ValueError(
-            f"{name} of shape {image_shape} does not match the displacement's spatial "
-            f"shape {spatial}: expected {spatial} or {spatial + ('C',)}")
+        f"{name} of shape {image_shape} does not match the displacement's spatial "
+        f"shape {spatial}: expected {spatial} or {spatial + ('C',)}")
 
 
 def check_same_spatial(a_shape: Sequence[int], b_shape: Sequence[int],
-                                              names: str = "a, b") -> tuple[int, ...]:
+                       names: str = "a, b") -> tuple[int, ...]:
     """Checks two 2D/3D arrays have one shape; returns it."""
     a_shape, b_shape = tuple(a_shape), tuple(b_shape)
     if a_shape != b_shape:
@@ -45,3 +45,4 @@ def check_same_spatial(a_shape: Sequence[int], b_shape: Sequence[int],
         raise ValueError(
             f"{names} must be 2D or 3D images of shape (*S), got shape {a_shape}")
     return a_shape
+

@@ -8,7 +8,8 @@ Any config field can be overridden with ``--config.<path>=<value>``. The outputs
 go to ``--workdir`` (default ``./workdir/<config file name>``); re-running with
 the same workdir resumes the run. Expected errors (bad flags, bad config values,
 missing or malformed data, a diverging loss) print one message and exit with a
-non-zero status; ``--traceback`` shows the full Python traceback instead.
+non-zero status; ``--traceback`` shows the full Python traceback instead. The
+work itself lives in ``ofg_jax.train``; this module only reads the command line.
 """
 
 import logging
@@ -16,20 +17,19 @@ import os
 import pathlib
 import re
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Sequence
 
 from absl import app
 from absl import flags
 from absl import logging as absl_logging
-import ml_collections
-from ml_collections import config_flags
 
-DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+from ofg_jax import cli
+from ofg_jax import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = flags.DEFINE_string(
     "config", None,
     "Training config file (a Python file with get_config()); default: the demo, "
-    f"{DEMO_CONFIG}. Override fields with --config.<path>=<value>.")
+    f"{config_lib.DEMO_CONFIG}. Override fields with --config.<path>=<value>.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for metrics, checkpoints and summary; default "
@@ -48,77 +48,25 @@ _PROCESS_ID = flags.DEFINE_integer(
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "Show the full traceback of expected errors too.")
 
-EXIT_USAGE = 2  # Bad command line or config.
-EXIT_FAILURE = 1  # The run failed (data, divergence).
-
-
-def _fail(message: str, status: int) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-def _config_arg(argv: Sequence[str]) -> Optional[str]:
-    """The value of ``--config`` in ``argv`` (``--config=X`` or ``--config X``)."""
-    for i, arg in enumerate(argv):
-        if arg.startswith(("--config=", "-config=")):
-            return arg.split("=", 1)[1]
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
-
-
-def with_default_config(argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``--config=<demo>`` inserted when no config is given."""
-    argv = list(argv)
-    if _config_arg(argv) is None:
-        argv.insert(1, f"--config={DEMO_CONFIG}")
-    return argv
-
-
-def _make_config_folder_importable(config_file: str) -> None:
-    # Config files import their shared defaults as ``configs.default``: put the
-    # folder holding the ``configs`` package on the path.
-    folder = pathlib.Path(config_file.split(":", 1)[0]).resolve().parent
-    if (folder / "__init__.py").exists() and str(folder.parent) not in sys.path:
-        sys.path.insert(0, str(folder.parent))
-
-
-def _unknown_key_message(argv: Sequence[str], error: Exception) -> str:
-    # ml_collections names only the missing field ("'trian'"), sometimes with a
-    # suggestion; point at the override flag that holds it.
-    text = str(error).replace("\\n", " ").replace("\\'", "'")
-    field = re.search(r"'(\w+)'", text)
-    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    culprits = [o for o in overrides
-                if field and field.group(1) in o.split(".")[1:]] or overrides
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    return (f"unknown config key in {', '.join(culprits)}"
-            + (f' (did you mean "{hint.group(1)}"?)' if hint else
-               "; see the config file for the available keys"))
+_OVERRIDE = re.compile(r"^--?config\.")
+_loaded = {}  # The config of this command line, set by parse_flags.
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """Parses ``argv`` into the flags; exits with a message on bad flags."""
-    config_file = _config_arg(argv)
-    if config_file is not None:
-        path = config_file.split(":", 1)[0]
-        if not os.path.isfile(path):
-            _fail(f"config file {path!r} not found", EXIT_USAGE)
-        _make_config_folder_importable(config_file)
+    """Parses ``argv``: the flags, then the config with its overrides.
+
+    Exits with one ``error:`` line and status 2 on a bad flag or config.
+    """
+    overrides = [arg for arg in argv[1:] if _OVERRIDE.match(arg)]
     try:
-        rest = flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:  # ml_collections: no such field.
-        _fail(_unknown_key_message(argv, e), EXIT_USAGE)
-    except flags.Error as e:
-        _fail(str(e), EXIT_USAGE)
-    if len(rest) > 1:
-        _fail(f"unexpected arguments {rest[1:]}", EXIT_USAGE)
-    config = _CONFIG.value
-    if not isinstance(config, ml_collections.ConfigDict):
-        try:
-            config.lock()  # A config that failed to load raises its error here.
-        except Exception as e:  # pylint: disable=broad-except
-            _fail(f"cannot load config {config_file!r}: {e}", EXIT_USAGE)
+        rest = flags.FLAGS([arg for arg in argv if arg not in overrides])
+        if len(rest) > 1:
+            raise cli.UsageError(f"unexpected arguments {rest[1:]}")
+        _loaded["config"] = config_lib.load(
+            _CONFIG.value, [_OVERRIDE.sub("", arg) for arg in overrides])
+    except (flags.Error, cli.UsageError, config_lib.ConfigError) as e:
+        cli.print_error(e)
+        sys.exit(cli.EXIT_USAGE)
     return rest
 
 
@@ -140,23 +88,20 @@ def main(argv: Sequence[str]) -> None:
     if _DISTRIBUTED.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                    _PROCESS_ID.value)
-
-    config = _CONFIG.value
-    config_file = _config_arg(sys.argv) or str(DEMO_CONFIG)
+    config_file = _CONFIG.value or str(config_lib.DEMO_CONFIG)
     workdir = _WORKDIR.value or os.path.join(
         "workdir", pathlib.Path(config_file.split(":", 1)[0]).stem)
     try:
-        train.train_and_evaluate(config, workdir)
-    except (ValueError, FileNotFoundError, NotADirectoryError,
-            train.NonFiniteLossError) as e:
+        train.train_and_evaluate(_loaded["config"], workdir)
+    except cli.EXPECTED_ERRORS + (train.NonFiniteLossError,) as e:
         if _TRACEBACK.value:
             raise
-        _fail(str(e), EXIT_FAILURE)
+        cli.print_error(e)
+        sys.exit(cli.EXIT_FAILURE)
 
 
 def run() -> None:
     """Runs the command line program on ``sys.argv``."""
-    sys.argv = with_default_config(sys.argv)
     app.run(main, flags_parser=parse_flags)
 
 

@@ -59,8 +59,8 @@ def non_positive_jacobian_pct(disp: jax.Array) -> jax.Array:
     return 100.0 * jnp.mean(jacobian_determinant(disp) <= 0)
 
 
-def dice(a: jax.Array, b: jax.Array, labels: Sequence[int],
-         eps: float = 1e-5) -> jax.Array:
+def dice_per_label(a: jax.Array, b: jax.Array, labels: Sequence[int], *,
+                   eps: float = 1e-5) -> jax.Array:
     """Dice overlap ``2|A∩B| / (|A| + |B| + eps)`` of each label in two label maps.
 
     ``eps`` is the reference's guard: a label absent from both maps scores 0.

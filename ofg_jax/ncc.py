@@ -37,7 +37,7 @@ def box_sum(x: jax.Array, window: int) -> jax.Array:
     return x
 
 
-def local_ncc_map(a: jax.Array, b: jax.Array, window: int = 9,
+def local_ncc_map(a: jax.Array, b: jax.Array, *, window: int = 9,
                   eps: float = 1e-5) -> jax.Array:
     """Per-voxel squared local correlation ``cc`` of two images.
 
@@ -77,7 +77,7 @@ def _cc_map(a_stats, b, window, eps):
     return cross * cross / (var_a * var_b + eps)
 
 
-def ncc_to(fixed: jax.Array, window: int = 9,
+def ncc_to(fixed: jax.Array, *, window: int = 9,
            eps: float = 1e-5) -> Callable[[jax.Array], jax.Array]:
     """``b -> ncc(fixed, b)``, with the window sums of ``fixed`` computed once.
 
@@ -103,7 +103,7 @@ def ncc_to(fixed: jax.Array, window: int = 9,
     return similarity
 
 
-def ncc(a: jax.Array, b: jax.Array, window: int = 9, eps: float = 1e-5) -> jax.Array:
+def ncc(a: jax.Array, b: jax.Array, *, window: int = 9, eps: float = 1e-5) -> jax.Array:
     """VoxelMorph's local NCC similarity: the mean of :func:`local_ncc_map`.
 
     Higher is more similar (at most ~1); the registration loss is ``-ncc(a, b)``.
@@ -118,4 +118,4 @@ def ncc(a: jax.Array, b: jax.Array, window: int = 9, eps: float = 1e-5) -> jax.A
     Returns:
       Scalar similarity.
     """
-    return jnp.mean(local_ncc_map(a, b, window, eps))
+    return jnp.mean(local_ncc_map(a, b, window=window, eps=eps))

@@ -1,4 +1,4 @@
-"""PyTorch-compatible Adam for optax, and the reference's learning-rate decay.
+"""PyTorch-compatible Adam for optax.
 
 ``optax.amsgrad`` keeps the maximum of the *bias-corrected* second moment, while
 ``torch.optim.Adam(amsgrad=True)`` keeps the maximum of the *raw* second moment
@@ -20,7 +20,7 @@ class TorchAdamState(NamedTuple):
     nu_max: optax.Updates  # running max of nu (amsgrad); empty tuple otherwise
 
 
-def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+def scale_by_torch_adam(*, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                         amsgrad: bool = False) -> optax.GradientTransformation:
     """Rescales updates as ``torch.optim.Adam`` does, without the learning rate.
 
@@ -51,7 +51,7 @@ def scale_by_torch_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def torch_adam(learning_rate: Union[float, optax.Schedule], b1: float = 0.9,
+def torch_adam(learning_rate: Union[float, optax.Schedule], *, b1: float = 0.9,
                b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = True,
                weight_decay: float = 0.0) -> optax.GradientTransformation:
     """``torch.optim.Adam(lr, betas=(b1, b2), eps, weight_decay, amsgrad)`` in optax.
@@ -62,17 +62,7 @@ def torch_adam(learning_rate: Union[float, optax.Schedule], b1: float = 0.9,
     """
     return optax.chain(
         optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-        scale_by_torch_adam(b1, b2, eps, amsgrad),
+        scale_by_torch_adam(b1=b1, b2=b2, eps=eps, amsgrad=amsgrad),
         optax.scale_by_learning_rate(learning_rate),
     )
 
-
-def poly_lr(lr0: float, epoch, max_epoch: int):
-    """The reference's polynomial decay: ``round(lr0 * (1 - epoch/max_epoch)**0.9, 8)``.
-
-    Works on Python numbers and on traced arrays (``epoch`` may be traced).
-    """
-    lr = lr0 * (1.0 - epoch / max_epoch) ** 0.9
-    if isinstance(lr, float):
-        return round(lr, 8)
-    return jnp.round(lr, 8)

@@ -1,4 +1,12 @@
-"""The OFG optimiser: refines a predicted displacement into a pseudo label."""
+"""The OFG optimiser: refines a displacement by minimising the registration energy.
+
+The paper's Eq. 4 is :func:`registration_energy`; its Eq. 2, a few optimiser
+steps on that energy from the network's prediction, is :func:`refine` (the
+per-voxel "instance" optimiser, OFG's proposal) and :func:`refine_with_network`
+(the network-based design of the ablation).
+"""
+
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +21,13 @@ from ofg_jax.warp import warp
 SIMILARITIES = ("ncc", "mse")
 OPTIMIZERS = ("amsgrad", "adam", "sgd")
 
+Optimizer = Union[str, optax.GradientTransformation]
+
 
 def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
                         reg_weight: float = 1.0, similarity: str = "ncc",
                         window: int = 9, penalty: str = "l2") -> jax.Array:
-    """The energy OFG minimises: ``-NCC(fixed, moving∘disp) + reg_weight * Grad(disp)``.
+    """The energy OFG minimises (Eq. 4): ``-NCC(fixed, moving∘disp) + reg_weight * Grad(disp)``.
 
     With ``similarity="mse"`` the data term is ``mean((fixed - moving∘disp)**2)``.
 
@@ -38,23 +48,34 @@ def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
 def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
     """``disp -> energy``, with everything that depends only on ``fixed`` hoisted."""
     if similarity == "ncc":
-        similarity_to_fixed = ncc_to(fixed, window)
+        similarity_to_fixed = ncc_to(fixed, window=window)
         data = lambda warped: -similarity_to_fixed(warped)
     elif similarity == "mse":
         data = lambda warped: jnp.mean((fixed - warped) ** 2)
     else:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    return lambda disp: data(warp(moving, disp)) + reg_weight * grad_loss(disp, penalty)
+    return lambda disp: (data(warp(moving, disp))
+                         + reg_weight * grad_loss(disp, penalty=penalty))
 
 
-def _optimizer(name: str, learning_rate) -> optax.GradientTransformation:
-    if name == "amsgrad":
-        return torch_adam(learning_rate, amsgrad=True)
-    if name == "adam":
-        return torch_adam(learning_rate, amsgrad=False)
-    if name == "sgd":
-        return optax.sgd(learning_rate)
-    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+def _optimizer(optimizer: Optimizer, learning_rate, default_lr: float
+               ) -> optax.GradientTransformation:
+    """The transformation named by ``optimizer`` at ``learning_rate``, or ``optimizer``."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        if learning_rate is not None:
+            raise ValueError(
+                "learning_rate is part of an optax.GradientTransformation passed as "
+                "optimizer; pass one or the other")
+        return optimizer
+    lr = default_lr if learning_rate is None else learning_rate
+    if optimizer == "amsgrad":
+        return torch_adam(lr, amsgrad=True)
+    if optimizer == "adam":
+        return torch_adam(lr, amsgrad=False)
+    if optimizer == "sgd":
+        return optax.sgd(lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an "
+                     f"optax.GradientTransformation, got {optimizer!r}")
 
 
 def _downsample(disp: jax.Array, factor: int) -> jax.Array:
@@ -72,16 +93,16 @@ def _downsample(disp: jax.Array, factor: int) -> jax.Array:
 
 
 def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int = 10,
-           learning_rate=0.1, reg_weight: float = 1.0, similarity: str = "ncc",
-           optimizer: str = "amsgrad", downsample: int = 1, window: int = 9,
+           learning_rate=None, reg_weight: float = 1.0, similarity: str = "ncc",
+           optimizer: Optimizer = "amsgrad", downsample: int = 1, window: int = 9,
            penalty: str = "l2") -> jax.Array:
-    """Runs OFG's instance optimisation from ``stop_gradient(disp)``.
+    """Runs OFG's instance optimisation (Eq. 2) from ``stop_gradient(disp)``.
 
     ``steps`` updates of ``optimizer`` on :func:`registration_energy`, inside one
     ``jax.lax.fori_loop``. The default optimiser is PyTorch's
-    ``Adam(amsgrad=True, betas=(0.9, 0.999), eps=1e-8)``, created fresh for each
-    call, as the reference does for each training pair. Unbatched: ``jax.vmap``
-    over a batch gives every pair its own optimiser state.
+    ``Adam(amsgrad=True, betas=(0.9, 0.999), eps=1e-8)`` at learning rate 0.1,
+    created fresh for each call, as the reference does for each training pair.
+    Unbatched: ``jax.vmap`` over a batch gives every pair its own optimiser state.
 
     With ``downsample=f > 1`` the optimised variable is a field at ``1/f``
     resolution (``f``-block averages of ``disp``), upsampled linearly
@@ -92,10 +113,12 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
       moving, fixed: ``(*S)`` images, 2D or 3D.
       disp: ``(*S, N)`` starting displacement in voxels (no gradient flows back).
       steps: number of optimiser updates (static).
-      learning_rate: step size; a float or a traced scalar.
+      learning_rate: step size of a named ``optimizer``, a float or a traced
+        scalar; None = 0.1.
       reg_weight: weight of the smoothness term.
       similarity: ``"ncc"`` or ``"mse"``.
-      optimizer: ``"amsgrad"`` (default), ``"adam"`` or ``"sgd"``.
+      optimizer: ``"amsgrad"`` (default), ``"adam"``, ``"sgd"``, or any
+        ``optax.GradientTransformation`` (which carries its own learning rate).
       downsample: resolution factor of the optimised field (1 = per voxel).
       window: NCC window width, in voxels.
       penalty: ``"l2"`` or ``"l1"`` smoothness penalty.
@@ -114,8 +137,9 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
     else:
         to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
         params = _downsample(start, downsample)
-    return _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
-                     similarity, optimizer, window, penalty)
+    opt = _optimizer(optimizer, learning_rate, default_lr=0.1)
+    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    return _minimise(lambda p: energy(to_field(p)), to_field, params, opt, steps)
 
 
 def _check_inputs(moving, fixed, disp, similarity) -> None:
@@ -127,12 +151,9 @@ def _check_inputs(moving, fixed, disp, similarity) -> None:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
 
 
-def _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
-              similarity, optimizer, window, penalty) -> jax.Array:
-    """``to_field(params)`` after ``steps`` updates of ``params`` on the energy."""
-    energy_of_field = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
-    energy = lambda p: energy_of_field(to_field(p))
-    opt = _optimizer(optimizer, learning_rate)
+def _minimise(energy: Callable[[Any], jax.Array], to_field: Callable[[Any], jax.Array],
+              params: Any, opt: optax.GradientTransformation, steps: int) -> jax.Array:
+    """``to_field(params)`` after ``steps`` updates of ``params`` on ``energy``."""
 
     def step(_, carry):
         params, opt_state = carry
@@ -143,30 +164,11 @@ def _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
     return to_field(params)
 
 
-def ofg_loss(pred_disp: jax.Array, moving: jax.Array, fixed: jax.Array,
-             **refine_kwargs) -> jax.Array:
-    """OFG's supervision loss ``mean((pred - stop_gradient(refine(pred)))**2)``.
-
-    The refined field is a constant target, so the gradient with respect to
-    ``pred_disp`` is ``2 * (pred - target) / pred.size``.
-
-    Args:
-      pred_disp: ``(*S, N)`` the network's predicted displacement, in voxels.
-      moving, fixed: ``(*S)`` images.
-      **refine_kwargs: forwarded to :func:`refine`.
-
-    Returns:
-      Scalar loss, in voxels squared.
-    """
-    target = jax.lax.stop_gradient(refine(moving, fixed, pred_disp, **refine_kwargs))
-    return jnp.mean((pred_disp - target) ** 2)
-
-
 def refine_with_network(moving: jax.Array, fixed: jax.Array, disp: jax.Array,
-                        network, params, *, steps: int = 10, learning_rate=1e-3,
-                        reg_weight: float = 1.0, similarity: str = "ncc",
-                        optimizer: str = "amsgrad", window: int = 9,
-                        penalty: str = "l2") -> jax.Array:
+                        network, params, *, steps: int = 10,
+                        learning_rate=None, reg_weight: float = 1.0,
+                        similarity: str = "ncc", optimizer: Optimizer = "amsgrad",
+                        window: int = 9, penalty: str = "l2") -> jax.Array:
     """The network-based OFG optimiser (the paper's "cascaded VoxelMorph" design).
 
     A second registration network ``network`` (any flax module mapping
@@ -184,9 +186,10 @@ def refine_with_network(moving: jax.Array, fixed: jax.Array, disp: jax.Array,
       disp: ``(*S, N)`` starting displacement (no gradient flows back).
       network: the flax module of the residual network.
       params: its initial ``params`` collection.
-      steps, learning_rate, reg_weight, similarity, optimizer, window, penalty:
-        as in :func:`refine`; the learning rate applies to the weights and must
-        be far smaller than the per-voxel default 0.1 (1e-3 to 1e-2).
+      steps, reg_weight, similarity, optimizer, window, penalty: as in
+        :func:`refine`.
+      learning_rate: as in :func:`refine`, for the weights; None = 1e-3 (it must
+        be far smaller than the per-voxel 0.1: 1e-3 to 1e-2).
 
     Returns:
       ``(*S, N)`` refined displacement, ``disp + residual``, in voxels.
@@ -198,5 +201,6 @@ def refine_with_network(moving: jax.Array, fixed: jax.Array, disp: jax.Array,
     def to_field(p):
         return start + network.apply({"params": p}, pair, train=False)[0]
 
-    return _minimise(to_field, params, moving, fixed, steps, learning_rate, reg_weight,
-                     similarity, optimizer, window, penalty)
+    opt = _optimizer(optimizer, learning_rate, default_lr=1e-3)
+    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    return _minimise(lambda p: energy(to_field(p)), to_field, params, opt, steps)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from ofg_jax._shapes import check_disp
 
 
-def grad_loss(disp: jax.Array, penalty: str = "l2") -> jax.Array:
+def grad_loss(disp: jax.Array, *, penalty: str = "l2") -> jax.Array:
     """VoxelMorph's ``Grad`` regulariser of a displacement field.
 
     Forward differences along each spatial axis, squared (``"l2"``) or absolute

@@ -10,7 +10,7 @@ from jax.custom_derivatives import SymbolicZero
 from ofg_jax._shapes import check_disp, check_image
 
 
-def warp(image: jax.Array, disp: jax.Array, order: int = 1) -> jax.Array:
+def warp(image: jax.Array, disp: jax.Array, *, order: int = 1) -> jax.Array:
     """Samples ``image`` at ``x + disp(x)`` for every voxel ``x`` of the grid.
 
     The same numbers as PyTorch ``grid_sample(align_corners=True,

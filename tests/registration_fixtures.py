@@ -6,7 +6,6 @@ import numpy as np
 
 SIZE = (16, 16, 32)  # Non-cubic: catches swapped axes.
 TRAIN_STEPS = 2
-_TRAINED = {}
 
 
 def tiny_config():
@@ -29,16 +28,6 @@ def tiny_config():
     config.ofg.steps = 2
     config.checkpoint.keep_best = 1
     return config
-
-
-def trained_workdir(tmp_path_factory) -> str:
-    """Trains the tiny config once per test session; returns its workdir."""
-    if "workdir" not in _TRAINED:
-        from ofg_jax import train
-        workdir = str(tmp_path_factory.mktemp("trained"))
-        train.train_and_evaluate(tiny_config(), workdir)
-        _TRAINED["workdir"] = workdir
-    return _TRAINED["workdir"]
 
 
 def oblique_affine(zooms=(1.2, 0.9, 2.0), angle=0.5, offset=(-10.0, 20.0, 5.5)):

@@ -1,4 +1,4 @@
-"""experiments/benchmark.py runs end to end at a tiny size; the plot script reads it."""
+"""experiments.benchmark runs end to end at a tiny size; the plot script reads it."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("torch")
 
 from experiments import bench_models, benchmark, plot_benchmark, profile_refine  # noqa: E402
+from experiments import timing  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def tiny_run(tmp_path_factory):
     # plumbing, not the speed.
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"),
+        [sys.executable, "-m", "experiments.benchmark",
          "--shape", "16,16,16", "--inner-steps", "2", "--repeats", "1",
          "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -75,9 +76,9 @@ def test_plot_from_several_files(tiny_run, tmp_path):
 
 def test_rejects_a_bad_shape():
     with pytest.raises(ValueError, match="64,64"):
-        benchmark.parse_shape("64,64")
+        timing.parse_shape("64,64")
     with pytest.raises(ValueError, match="x"):
-        benchmark.parse_shape("64,x,64")
+        timing.parse_shape("64,x,64")
 
 
 @pytest.mark.parametrize("argv, name", [
@@ -99,19 +100,19 @@ def test_profile_refine_rejects_zero_steps(capsys):
 def test_interleaved_seconds_warms_up_then_times_rounds_in_turn():
     calls = []
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    medians, times, first = benchmark.interleaved_seconds(fns, repeats=3, warmup=2)
+    medians, times, first = timing.interleaved_seconds(fns, repeats=3, warmup=2)
     assert calls == ["a", "b"] * 5
     assert [len(t) for t in times.values()] == [3, 3]
     assert medians["a"] == sorted(times["a"])[1] and set(first) == {"a", "b"}
     # Without warm-up the first calls are timed.
-    _, times, first = benchmark.interleaved_seconds(fns, repeats=1, warmup=0)
+    _, times, first = timing.interleaved_seconds(fns, repeats=1, warmup=0)
     assert times["a"] == [first["a"]]
 
 
 def test_a_failing_framework_is_reported_not_fatal(tmp_path):
     out = tmp_path / "bad.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"),
+        [sys.executable, "-m", "experiments.benchmark",
          "--shape", "16,16,16", "--models", "no_such_net", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,14 +22,15 @@ from experiments import plot_experiments
 from experiments import self_training
 from experiments import syn_baseline
 from experiments import test_time_refinement
-from ofg_jax import evaluate
+from ofg_jax import config as config_lib
+from ofg_jax import evaluation
 from tests.compilation_cache import persistent_compilation_cache
 
 # A two-level VoxelMorph with XLA's convolution: the quickest to compile.
 TINY = ["data.img_size=16,16,16", "data.num_train=2", "data.num_val=1",
         "data.val_subjects=1", "train.epochs=1", "ofg.steps=1",
         "model.enc_features=4,4", "model.dec_features=4,4", "model.final_features=4,",
-        "model.conv_impl='xla'", "checkpoint.keep_best=1"]
+        "model.conv_impl=xla", "checkpoint.keep_best=1"]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +88,26 @@ def test_small_transformer_overrides_fit_the_architectures():
     assert ofg_vs_unsupervised.small_transformer_overrides("voxelmorph", (32,) * 3) == {}
 
 
-def test_inner_steps(workdir):
+@pytest.fixture(scope="module")
+def inner_steps_run(workdir):
     inner_steps.main(argv(workdir, "--steps", "1,2", "--time-repeats", "1"))
+    return os.path.join(workdir, "inner_steps.json")
+
+
+@pytest.fixture(scope="module")
+def ofg_intensity_run(workdir):
+    ofg_intensity.main(argv(workdir, "--every", "2", "--ncc-weights", "0.5",
+                            "--fractions", "0.5"))
+    return os.path.join(workdir, "ofg_intensity.json")
+
+
+@pytest.fixture(scope="module")
+def test_time_run(workdir):
+    test_time_refinement.main(argv(workdir, "--k", "0,2", "--zero-steps", "3"))
+    return os.path.join(workdir, "test_time_refinement.json")
+
+
+def test_inner_steps(workdir, inner_steps_run):
     result = check_outputs(workdir, "inner_steps",
                            ["unsupervised", "OFG 1 steps", "OFG 2 steps"],
                            ("dice", "non_pos_jacobian_pct", "seconds_per_step"))
@@ -122,9 +141,7 @@ def test_optimizer_design(workdir):
     assert result["timed_step_s"] == {}
 
 
-def test_ofg_intensity(workdir):
-    ofg_intensity.main(argv(workdir, "--every", "2", "--ncc-weights", "0.5",
-                            "--fractions", "0.5"))
+def test_ofg_intensity(workdir, ofg_intensity_run):
     check_outputs(workdir, "ofg_intensity",
                   ["OFG (k=1, λ=0, p=1)", "every 2 epochs", "+ 0.5 × NCC",
                    "fraction p=0.5", "unsupervised"])
@@ -140,8 +157,7 @@ def test_self_training(workdir):
     assert os.path.exists(st["eval_csv"])
 
 
-def test_test_time_refinement(workdir):
-    test_time_refinement.main(argv(workdir, "--k", "0,2", "--zero-steps", "3"))
+def test_test_time_refinement(workdir, test_time_run):
     result = check_outputs(workdir, "test_time_refinement",
                            ["network + 0 OFG steps", "network + 2 OFG steps",
                             "zero field + 3 steps (refine only)"],
@@ -152,11 +168,8 @@ def test_test_time_refinement(workdir):
     assert network["dice"] == pytest.approx(trained["dice"], abs=1e-6)
 
 
-def test_plots(workdir):
-    results = [os.path.join(workdir, f"{name}.json")
-               for name in ("inner_steps", "test_time_refinement", "ofg_intensity")]
-    if not all(os.path.exists(p) for p in results):
-        pytest.skip("needs the outputs of the experiment smoke tests above")
+def test_plots(workdir, inner_steps_run, test_time_run, ofg_intensity_run):
+    results = [inner_steps_run, test_time_run, ofg_intensity_run]
     paths = plot_experiments.main(results + ["--out", os.path.join(workdir, "plots")])
     names = {os.path.basename(p) for p in paths}
     assert {"inner_steps_dice_vs_steps.png", "inner_steps_dice_vs_time.png",
@@ -185,7 +198,7 @@ def test_physical_to_voxel_displacement_inverts_spacing_and_direction():
 
 def test_syn_baseline_metrics_with_a_fake_registration(workdir):
     """A registration that returns a known field in physical units (anisotropic
-    spacing): the script must score it exactly as ofg_jax.evaluate scores the same
+    spacing): the script must score it exactly as ofg_jax.evaluation scores the same
     field in voxels."""
     spacing = np.array([2.0, 1.0, 0.5])
     known = np.zeros((16, 16, 16, 3), np.float32)
@@ -202,12 +215,11 @@ def test_syn_baseline_metrics_with_a_fake_registration(workdir):
                            ["identity", "ANTs SyN (mattes)"],
                            ("dice", "non_pos_jacobian_pct", "seconds_per_pair"))
     assert calls == [0, 1]
-    config = common.apply_overrides(common.load_config(common.DEFAULT_CONFIG),
-                                    common.parse_sets(TINY))
+    config = config_lib.load(common.DEFAULT_CONFIG, TINY)
     from ofg_jax import data as data_lib
     data = data_lib.create(config.data, 0)
     pair = data.val_pairs()[0]
-    dice, folding = evaluate.pair_metrics(jnp.asarray(known), pair.moving_seg,
+    dice, folding = evaluation.pair_metrics(jnp.asarray(known), pair.moving_seg,
                                           pair.fixed_seg, data.labels)
     syn = [r for r in result["records"] if r["label"].startswith("ANTs")]
     assert len(syn) == 2

@@ -9,6 +9,8 @@ import sys
 import ml_collections
 import pytest
 
+from ofg_jax import cli
+from ofg_jax import config as config_lib
 from ofg_jax import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -49,16 +51,15 @@ def test_configs_hold_the_reference_hyper_parameters(name):
 
 
 def test_without_config_the_demo_is_used():
-    argv = main.with_default_config(["prog", "--workdir=w"])
-    assert argv == ["prog", f"--config={main.DEMO_CONFIG}", "--workdir=w"]
-    assert main.with_default_config(["prog", "--config", "x.py"]) == [
-        "prog", "--config", "x.py"]
-    assert main.DEMO_CONFIG.is_file()
+    assert config_lib.DEMO_CONFIG.is_file()
+    assert config_lib.load(None).to_dict() == config_lib.load(
+        str(config_lib.DEMO_CONFIG)).to_dict()
+    assert config_lib.load(None).data.name == "synthetic"
 
 
 def test_unknown_config_key_is_named_and_exits_non_zero():
     result = run_cli("--config=configs/ixi.py", "--config.train.epoch=3")
-    assert result.returncode == main.EXIT_USAGE
+    assert result.returncode == cli.EXIT_USAGE
     assert "unknown config key in --config.train.epoch" in result.stderr
     assert 'did you mean "epochs"' in result.stderr
     assert "Traceback" not in result.stderr
@@ -66,17 +67,17 @@ def test_unknown_config_key_is_named_and_exits_non_zero():
 
 def test_unknown_key_without_config_flag_uses_the_demo_and_fails_cleanly():
     result = run_cli("--config.trian.epochs=3")
-    assert result.returncode == main.EXIT_USAGE
+    assert result.returncode == cli.EXIT_USAGE
     assert "--config.trian.epochs" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_missing_config_file_and_bad_value_exit_non_zero():
     result = run_cli("--config=configs/nope.py")
-    assert result.returncode == main.EXIT_USAGE
+    assert result.returncode == cli.EXIT_USAGE
     assert "config file 'configs/nope.py' not found" in result.stderr
     result = run_cli("--config=configs/ixi.py", "--config.train.epochs=many")
-    assert result.returncode == main.EXIT_USAGE
+    assert result.returncode == cli.EXIT_USAGE
     assert "--config.train.epochs=many" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -85,7 +86,7 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     missing = tmp_path / "no_such_dir"
     result = run_cli("--config=configs/ixi.py", f"--config.data.root={missing}",
                      f"--workdir={tmp_path / 'work'}")
-    assert result.returncode == main.EXIT_FAILURE
+    assert result.returncode == cli.EXIT_FAILURE
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error:")
@@ -94,12 +95,12 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
 def test_invalid_config_values_exit_non_zero(tmp_path):
     result = run_cli("--config=configs/demo.py", "--config.train.mode=foo",
                      f"--workdir={tmp_path}")
-    assert result.returncode == main.EXIT_FAILURE
+    assert result.returncode == cli.EXIT_FAILURE
     assert "train.mode='foo'" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_cli("--config=configs/demo.py", "--config.model.name=resnet",
                      f"--workdir={tmp_path}")
-    assert result.returncode == main.EXIT_FAILURE
+    assert result.returncode == cli.EXIT_FAILURE
     assert "resnet" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -145,7 +146,7 @@ def test_flags_reach_training_and_workdir_defaults_to_the_config_name(tmp_path):
 
 def test_diverging_run_exits_non_zero_with_one_message(tmp_path):
     result = run_fake_cli("--config.train.mode=unsupervised", cwd=tmp_path)
-    assert result.returncode == main.EXIT_FAILURE
+    assert result.returncode == cli.EXIT_FAILURE
     assert result.stderr.strip() == "error: non-finite training loss at step 3"
     result = run_fake_cli("--config.train.mode=unsupervised", "--traceback",
                           cwd=tmp_path)

@@ -2,7 +2,9 @@
 ``every_epochs``, ``fraction``, ``ncc_weight`` and ``design="network"``) against
 hand computations."""
 
-import flax.linen as nn
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,37 +12,26 @@ import optax
 import pytest
 
 from configs import default
+from ofg_jax import config as config_lib
+from ofg_jax import losses
 from ofg_jax import ncc
 from ofg_jax import refine
+from ofg_jax import refiner
 from ofg_jax import registration_energy
 from ofg_jax import torch_adam
-from ofg_jax import train
+from ofg_jax import train_step
 from ofg_jax import warp
 from ofg_jax.refine import refine_with_network
+from tests.references import np_grad_loss
+from tests import step_fixtures
 
 SIZE = (12, 10, 8)
-
-
-def np_grad_loss(disp):
-    disp = np.asarray(disp, np.float64)
-    axes = range(disp.ndim - 1)
-    return sum(np.mean(np.diff(disp, axis=k) ** 2) for k in axes) / len(axes)
-
-
-class DetNet(nn.Module):
-    """Two 3D convolutions, no dropout: the prediction depends on params only."""
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        h = nn.leaky_relu(nn.Conv(4, (3, 3, 3))(x), 0.2)
-        return nn.Conv(3, (3, 3, 3), kernel_init=nn.initializers.normal(0.1))(h)
+# No dropout: the prediction depends on the parameters only.
+DetNet = functools.partial(step_fixtures.TinyNet, dropout=0.0)
 
 
 def random_batch(rng, batch, size=SIZE):
-    shape = (batch,) + size
-    smooth = lambda x: (x + np.roll(x, 1, 1) + np.roll(x, 1, 2) + np.roll(x, 1, 3)) / 4
-    return {"moving": smooth(rng.random(shape)).astype(np.float32),
-            "fixed": smooth(rng.random(shape)).astype(np.float32)}
+    return step_fixtures.random_batch(rng, batch, size)
 
 
 def variant_config(epochs=4, **ofg):
@@ -94,15 +85,21 @@ def predict(params, batch):
 # registration_loss.
 
 
+def refine_batch(batch, pred):
+    """The OFG targets of a batch: 2 steps of ``refine`` from each prediction."""
+    return jax.vmap(lambda m, f, d: refine(m, f, d, steps=2, learning_rate=0.1))(
+        batch["moving"], batch["fixed"], jnp.asarray(pred))
+
+
 def test_registration_loss_mixes_ofg_and_unsupervised_pairs_as_by_hand():
     rng = np.random.default_rng(0)
     batch = random_batch(rng, 3)
     pred = rng.normal(0, 0.5, (3,) + SIZE + (3,)).astype(np.float32)
     use = np.array([True, False, True])
-    loss, terms = train.registration_loss(
+    targets = refine_batch(batch, pred)
+    loss, terms = losses.registration_loss(
         jnp.asarray(pred), batch["moving"], batch["fixed"], mode="ofg",
-        reg_weight=0.02, refine_kwargs=dict(steps=2, learning_rate=0.1),
-        ncc_weight=0.5, use_ofg=jnp.asarray(use))
+        reg_weight=0.02, targets=targets, ncc_weight=0.5, use_ofg=jnp.asarray(use))
     expected = hand_loss(pred, batch, use, ncc_weight=0.5)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     assert float(terms["ofg_fraction"]) == pytest.approx(2 / 3)
@@ -112,22 +109,21 @@ def test_registration_loss_defaults_and_all_true_mask_are_plain_ofg():
     rng = np.random.default_rng(1)
     batch = random_batch(rng, 2)
     pred = jnp.asarray(rng.normal(0, 0.5, (2,) + SIZE + (3,)).astype(np.float32))
-    kwargs = dict(mode="ofg", reg_weight=0.02,
-                  refine_kwargs=dict(steps=2, learning_rate=0.1))
-    plain, terms = train.registration_loss(pred, batch["moving"], batch["fixed"],
-                                           **kwargs)
+    kwargs = dict(mode="ofg", reg_weight=0.02, targets=refine_batch(batch, pred))
+    plain, terms = losses.registration_loss(pred, batch["moving"], batch["fixed"],
+                                            **kwargs)
     assert set(terms) == {"similarity", "grad"}
     np.testing.assert_allclose(float(plain), hand_loss(pred, batch, [True, True]),
                                rtol=1e-5)
-    masked, _ = train.registration_loss(pred, batch["moving"], batch["fixed"],
-                                        use_ofg=jnp.asarray([True, True]), **kwargs)
+    masked, _ = losses.registration_loss(pred, batch["moving"], batch["fixed"],
+                                         use_ofg=jnp.asarray([True, True]), **kwargs)
     np.testing.assert_allclose(float(masked), float(plain), rtol=1e-6)
-    # A refine_fn returning the same targets gives the same loss.
-    targets = jax.vmap(lambda m, f, d: refine(m, f, d, steps=2, learning_rate=0.1))(
+    # The OFG term of each pair is ofg_loss, the primitive.
+    per_pair = jax.vmap(lambda m, f, d: losses.ofg_loss(m, f, d, steps=2,
+                                                        learning_rate=0.1))(
         batch["moving"], batch["fixed"], pred)
-    via_fn, _ = train.registration_loss(pred, batch["moving"], batch["fixed"],
-                                        refine_fn=lambda m, f, d: targets, **kwargs)
-    np.testing.assert_allclose(float(via_fn), float(plain), rtol=1e-6)
+    np.testing.assert_allclose(float(plain), float(jnp.mean(per_pair)
+                                                   + 0.02 * terms["grad"]), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
@@ -136,8 +132,8 @@ def test_registration_loss_defaults_and_all_true_mask_are_plain_ofg():
 
 def run_steps(config, batches, steps_per_epoch):
     """Runs the train step on ``batches``; returns params before each step and metrics."""
-    state = train.create_train_state(config, DetNet(), SIZE, steps_per_epoch)
-    step_fn = train.make_train_step(config, steps_per_epoch)
+    state = train_step.create_train_state(config, DetNet(), SIZE, steps_per_epoch)
+    step_fn = train_step.make_train_step(config, steps_per_epoch, SIZE)
     history = []
     for batch in batches:
         params = jax.tree.map(np.array, state.params)  # Copies: the step donates.
@@ -171,7 +167,7 @@ def test_fraction_draws_pairs_from_the_dropout_key(fraction):
     draws = []
     for (params, rng_key, step, metrics), batch in zip(history, batches):
         key = jax.random.fold_in(jax.random.fold_in(jnp.asarray(rng_key), step),
-                                 train.FRACTION_STREAM)
+                                 train_step.FRACTION_STREAM)
         use = np.asarray(jax.random.bernoulli(key, fraction, (4,)))
         draws.append(use)
         expected = hand_loss(predict(params, batch), batch, use)
@@ -195,7 +191,11 @@ def test_explicit_defaults_give_the_plain_train_step():
     rng = np.random.default_rng(5)
     batches = [random_batch(rng, 2)]
     plain = default.get_config()
-    for key in train.OFG_VARIANT_DEFAULTS:  # A config without the new keys.
+    ablations = [f.name for settings in (losses.Intensity, refiner.RefineSettings)
+                 for f in dataclasses.fields(settings)
+                 if f.name in ("every_epochs", "fraction", "ncc_weight", "design",
+                               "network_width")]
+    for key in ablations:  # A config without the ablation keys.
         del plain.ofg[key]
     plain.data.name, plain.train.epochs, plain.ofg.steps = "synthetic", 4, 2
     (_, _, _, m_plain), = run_steps(plain, batches, 1)
@@ -213,8 +213,7 @@ def test_refine_with_network_is_adam_on_the_weights():
     size = (16, 16, 16)
     m, f = [jnp.asarray(x[0]) for x in random_batch(rng, 1, size).values()]
     disp = jnp.asarray(rng.normal(0, 0.3, size + (3,)).astype(np.float32))
-    config = variant_config(design="network", network_width=4)
-    network, params0 = train.make_network_refiner(config, size)
+    network, params0 = refiner.cascade_network(4, size, seed=0, conv_impl="xla")
 
     lr = 1e-2
     run = jax.jit(lambda steps: refine_with_network(m, f, disp, network, params0,
@@ -247,11 +246,12 @@ def test_network_design_train_step_regresses_on_the_network_target():
     config = variant_config(design="network", network_width=4, learning_rate=1e-2)
     rng = np.random.default_rng(7)
     batch = random_batch(rng, 2, size)
-    state = train.create_train_state(config, DetNet(), size, 1)
+    state = train_step.create_train_state(config, DetNet(), size, 1)
     params = jax.tree.map(np.array, state.params)
-    _, metrics = train.make_train_step(config, 1)(state, batch)
+    _, metrics = train_step.make_train_step(config, 1, size)(state, batch)
     pred = predict(params, batch)
-    network, params0 = train.make_network_refiner(config, size)
+    network, params0 = refiner.cascade_network(4, size, seed=config.seed,
+                                                 conv_impl="xla")
     targets = jax.jit(jax.vmap(lambda m, f, d: refine_with_network(
         m, f, d, network, params0, steps=2, learning_rate=1e-2)))(
             batch["moving"], batch["fixed"], jnp.asarray(pred))
@@ -270,11 +270,11 @@ def test_invalid_variant_values_are_named(key, value, message):
     config = variant_config()
     config.ofg[key] = value
     with pytest.raises(ValueError, match=message):
-        train.validate_config(config)
+        config_lib.validate(config)
 
 
 def test_network_design_needs_full_resolution():
     config = variant_config(design="network")
     config.ofg.downsample = 2
     with pytest.raises(ValueError, match="ofg.downsample=2"):
-        train.validate_config(config)
+        config_lib.validate(config)

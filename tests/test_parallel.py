@@ -20,17 +20,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 SHARDED_VS_SINGLE = r"""
 import json, sys
-import flax.linen as nn
 import jax, jax.numpy as jnp, numpy as np
 from configs import default
-from ofg_jax import parallel, train
-
-
-class TinyNet(nn.Module):  # A small network keeps compilation short.
-    @nn.compact
-    def __call__(self, x, train=False):
-        h = nn.leaky_relu(nn.Conv(4, (3, 3, 3))(x), 0.2)
-        return nn.Conv(3, (3, 3, 3))(h)
+from ofg_jax import parallel, train_step
+from tests.step_fixtures import TinyNet  # A small network keeps compilation short.
 
 
 assert jax.device_count() == 4, jax.devices()
@@ -42,23 +35,23 @@ config.train.batch_size = 4
 config.train.learning_rate = 1e-2
 config.ofg.steps = 3
 size = (16, 16, 16)
-model = TinyNet()
+model = TinyNet(dropout=0.0)
 rng = np.random.default_rng(0)
 batch = {k: rng.random((4, *size), dtype=np.float32) for k in ("moving", "fixed")}
 
 def one_step(state, batch):
-    step = train.make_train_step(config, steps_per_epoch=3)
+    step = train_step.make_train_step(config, 3, size)
     state, metrics = step(state, batch)
     return jax.device_get((state.params, state.opt_state, metrics))
 
-single = one_step(train.create_train_state(config, model, size, 3), batch)
+single = one_step(train_step.create_train_state(config, model, size, 3), batch)
 mesh = parallel.data_mesh()
 try:
     parallel.check_batch_size(6, mesh)
     raise AssertionError("a batch of 6 over 4 devices was accepted")
 except ValueError as e:
     assert "train.batch_size=6 is not divisible by the 4 devices" in str(e), e
-state = parallel.replicate(train.create_train_state(config, model, size, 3), mesh)
+state = parallel.replicate(train_step.create_train_state(config, model, size, 3), mesh)
 sharded_batch = parallel.shard_batch(batch, mesh)
 shards = sharded_batch["moving"].addressable_shards
 assert len(shards) == 4 and all(s.data.shape == (1, *size) for s in shards)

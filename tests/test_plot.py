@@ -9,8 +9,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from ofg_jax import cli
+from ofg_jax import figures
 from ofg_jax import plot
-import registration_fixtures as fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -19,8 +20,8 @@ TRAINING_FIGURES = ["curves.png", "slices.png", "grid.png", "jacobian.png",
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return fixtures.trained_workdir(tmp_path_factory)
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 def check_png(path):
@@ -48,14 +49,14 @@ def test_command_line_writes_into_workdir_figures_by_default(workdir, capsys):
 
 
 def test_command_line_errors_name_the_problem(tmp_path, capsys):
-    assert plot.main(["plot", f"--workdir={tmp_path}"]) == plot.EXIT_FAILURE
+    assert plot.main(["plot", f"--workdir={tmp_path}"]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(tmp_path / "config.json") in err
     assert err.count("\n") == 1
     result = subprocess.run([sys.executable, "-m", "ofg_jax.plot"], cwd=REPO,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == plot.EXIT_USAGE
+    assert result.returncode == cli.EXIT_USAGE
     assert result.stderr == "error: --workdir is required\n"
 
 
@@ -65,7 +66,7 @@ def test_pair_figures_without_segmentations(tmp_path):
     fixed, moving = rng.random(shape), rng.random(shape)
     disp = 0.5 * rng.standard_normal(shape + (3,))
     result = {"warped": moving, "disp": disp, "jacobian": 1 + rng.standard_normal(shape)}
-    paths = plot.write_pair_figures(str(tmp_path), fixed, moving, result)
+    paths = figures.write_pair_figures(str(tmp_path), fixed, moving, result)
     assert [os.path.basename(p) for p in paths] == ["slices.png", "grid.png",
                                                     "jacobian.png"]
     for path in paths:
@@ -74,13 +75,13 @@ def test_pair_figures_without_segmentations(tmp_path):
 
 def test_central_slices_and_label_outlines():
     volume = np.arange(4 * 5 * 6).reshape(4, 5, 6)
-    assert plot.central_slice(volume, 0).shape == (5, 6)
-    np.testing.assert_array_equal(plot.central_slice(volume, 1), volume[:, 2])
+    assert figures.central_slice(volume, 0).shape == (5, 6)
+    np.testing.assert_array_equal(figures.central_slice(volume, 1), volume[:, 2])
     field = np.zeros((4, 5, 6, 3))
-    assert plot.central_slice(field, 2).shape == (4, 5, 3)
+    assert figures.central_slice(field, 2).shape == (4, 5, 3)
     labels = np.zeros((5, 5), int)
     labels[1:3, 1:4] = 7
-    outline = plot.label_outlines(labels)
+    outline = figures.label_outlines(labels)
     # Cells whose right (axis 0) or upper (axis 1) neighbour differs.
     expected = np.zeros((5, 5), bool)
     expected[0, 1:4] = expected[2, 1:4] = True  # Row before the block, last row.

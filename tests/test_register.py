@@ -15,17 +15,21 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from ofg_jax import cli
+from ofg_jax import inference
 from ofg_jax import register
+from ofg_jax import registration
 from ofg_jax import registration_energy
 from ofg_jax import warp
 import registration_fixtures as fixtures
+from tests.references import np_dice, np_jacobian_determinant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return fixtures.trained_workdir(tmp_path_factory)
+def workdir(trained_workdir):
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +60,6 @@ def registered(workdir, files, tmp_path_factory):
     return str(out_dir), stdout.getvalue()
 
 
-def np_jacobian_determinant(disp):
-    disp = np.asarray(disp, np.float64)
-    jac = np.empty(disp.shape[:-1] + (3, 3))
-    for i in range(3):
-        for j in range(3):
-            jac[..., i, j] = np.gradient(disp[..., i], axis=j) + (i == j)
-    return np.linalg.det(jac)
-
-
-def np_dice(a, b, labels):
-    return np.array([2.0 * np.sum((a == l) & (b == l))
-                     / (np.sum(a == l) + np.sum(b == l) + 1e-5) for l in labels])
-
-
 def printed(stdout, key):
     return float(re.search(rf"^{key}: (\S+)", stdout, re.M).group(1))
 
@@ -78,7 +68,7 @@ def test_outputs_carry_the_fixed_grid_and_match_independent_checks(registered, f
     out_dir, stdout = registered
     fixed = nib.load(files["fixed"])
     outputs = {key: nib.load(os.path.join(out_dir, name))
-               for key, name in register.OUTPUT_FILES.items()}
+               for key, name in registration.OUTPUT_FILES.items()}
     expected_shape = {"disp": fixtures.SIZE + (3,)}
     for key, image in outputs.items():
         assert image.shape == expected_shape.get(key, fixtures.SIZE), key
@@ -124,7 +114,7 @@ def test_refinement_changes_the_field_and_lowers_the_energy(
         dtype=np.float32)
     network, refined = read(registered[0]), read(tmp_path)
     assert np.abs(refined - network).max() > 1e-3
-    ofg = register.read_config(workdir).ofg
+    ofg = inference.read_config(workdir).ofg
     moving = nib.load(files["moving"]).get_fdata(dtype=np.float32)
     fixed = nib.load(files["fixed"]).get_fdata(dtype=np.float32)
     energy = lambda disp: float(registration_energy(
@@ -155,7 +145,7 @@ def test_default_checkpoint_is_the_best_on_disk_else_the_latest(
     status, _, stderr = run_main(
         capsys, f"--workdir={workdir}", f"--moving={files['moving']}",
         f"--fixed={files['fixed']}", "--checkpoint=7", f"--out={tmp_path}")
-    assert status == register.EXIT_FAILURE
+    assert status == cli.EXIT_FAILURE
     assert f"no checkpoint 7 in {os.path.join(workdir, 'checkpoints')}" in stderr
     assert f"available steps: {steps}" in stderr
 
@@ -181,7 +171,7 @@ def test_batch_mode_writes_one_folder_and_row_per_pair(workdir, files, tmp_path,
     for row in rows:
         assert 0 <= float(row["non_pos_jacobian_pct"]) <= 100
     assert sorted(os.listdir(tmp_path / "out" / "with_labels")) == sorted(
-        register.OUTPUT_FILES.values())
+        registration.OUTPUT_FILES.values())
     assert "warped_seg.nii.gz" not in os.listdir(tmp_path / "out" / "fixed_to_moving")
     assert "with_labels:\ndice:" in stdout
 
@@ -213,14 +203,14 @@ def test_errors_name_the_problem_and_exit_non_zero(workdir, files, tmp_path, cap
         status, stdout, stderr = run_main(
             capsys, f"--workdir={work}", f"--moving={moving}",
             f"--fixed={files['fixed']}", f"--out={tmp_path / 'out'}")
-        assert status == register.EXIT_FAILURE, (moving, stderr)
+        assert status == cli.EXIT_FAILURE, (moving, stderr)
         assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
         for piece in pieces:
             assert piece in stderr, (piece, stderr)
     assert not (tmp_path / "out").exists()
     status, _, stderr = run_main(capsys, f"--workdir={workdir}", f"--out={tmp_path}",
                                  f"--moving={files['moving']}")
-    assert status == register.EXIT_USAGE
+    assert status == cli.EXIT_USAGE
     assert "--moving and --fixed (or --pairs) are required" in stderr
 
 
@@ -231,7 +221,7 @@ def test_module_entry_point_reports_errors_in_one_line(tmp_path):
          "--moving=m.nii.gz", "--fixed=f.nii.gz", f"--out={tmp_path}"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == register.EXIT_FAILURE
+    assert result.returncode == cli.EXIT_FAILURE
     assert result.stderr == f"error: workdir {missing} not found\n"
 
 
@@ -248,4 +238,4 @@ def test_bad_pairs_files_are_named(tmp_path, content, message):
     path = tmp_path / "pairs.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)):
-        register.read_pairs_csv(str(path))
+        registration.read_pairs_csv(str(path))

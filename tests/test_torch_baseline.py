@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 from configs import default  # noqa: E402
 from experiments import torch_baseline as tb  # noqa: E402
-from ofg_jax import models, torch_adam, train  # noqa: E402
+from ofg_jax import models, schedules, torch_adam, train_step  # noqa: E402
 
 REFERENCE_PARAMS = 274_387  # the reference VoxelMorph at 160x192x224, 2 channels
 
@@ -120,11 +120,11 @@ def test_one_training_step_matches_ofg_jax(mode):
     model = models.create("voxelmorph", shape)
     pair = jnp.stack([moving, fixed], -1)[None]
     params = random_params(param_shapes(model, pair), seed=3)
-    # What train.create_train_state builds, minus its (slow to compile) random init.
-    tx = torch_adam(train.make_lr_schedule(config.train.learning_rate,
-                                           config.train.epochs, 10))
-    state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                    rng=jax.random.PRNGKey(0))
+    # What train_step.create_train_state builds, minus its (slow to compile) random init.
+    tx = torch_adam(schedules.make_lr_schedule(config.train.learning_rate,
+                                               config.train.epochs, 10))
+    state = train_step.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                         rng=jax.random.PRNGKey(0))
     state = state.replace(step=jnp.zeros([], jnp.int32))
     convs = flax_convs(model, {"params": params}, pair)
 
@@ -138,7 +138,7 @@ def test_one_training_step_matches_ofg_jax(mode):
                          **refine_kwargs)
     torch_grad_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))
 
-    step = train.make_train_step(config, steps_per_epoch=10)
+    step = train_step.make_train_step(config, 10, shape)
     new_state, metrics = step(state, {"moving": moving[None], "fixed": fixed[None]})
     new_convs = flax_convs(model, {"params": new_state.params}, pair)
 

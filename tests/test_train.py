@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,63 +13,23 @@ import numpy as np
 import pytest
 
 from configs import default
-from ofg_jax import evaluate
+from ofg_jax import checkpoint
+from ofg_jax import config as config_lib
+from ofg_jax import evaluation
+from ofg_jax import input_pipeline
 from ofg_jax import ncc
 from ofg_jax import refine
+from ofg_jax import schedules
 from ofg_jax import train
+from ofg_jax import train_step
 from ofg_jax import warp
 from tests.compilation_cache import persistent_compilation_cache
+from tests.references import np_dice, np_grad_loss, np_jacobian_determinant, np_warp
+from tests.step_fixtures import TinyNet, random_batch
 
 
 # ---------------------------------------------------------------------------
-# Independent float64 NumPy references.
-
-
-def np_grad_loss(disp):
-    """Mean squared forward difference per spatial axis, averaged over axes."""
-    disp = np.asarray(disp, np.float64)
-    axes = range(disp.ndim - 1)
-    return sum(np.mean(np.diff(disp, axis=k) ** 2) for k in axes) / len(axes)
-
-
-def np_warp_nearest(seg, disp):
-    """``seg`` sampled at the nearest voxel of ``x + disp``; 0 outside."""
-    shape = seg.shape
-    grid = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    index = [np.round(g + disp[..., k]).astype(int) for k, g in enumerate(grid)]
-    inside = np.all([(i >= 0) & (i < n) for i, n in zip(index, shape)], axis=0)
-    clipped = [np.clip(i, 0, n - 1) for i, n in zip(index, shape)]
-    return np.where(inside, seg[tuple(clipped)], 0)
-
-
-def np_dice(a, b, labels):
-    return np.array([2.0 * np.sum((a == l) & (b == l))
-                     / (np.sum(a == l) + np.sum(b == l) + 1e-5) for l in labels])
-
-
-def np_non_positive_jacobian_pct(disp):
-    disp = np.asarray(disp, np.float64)
-    ndim = disp.shape[-1]
-    jac = np.empty(disp.shape[:-1] + (ndim, ndim))
-    for i in range(ndim):
-        for j in range(ndim):
-            jac[..., i, j] = np.gradient(disp[..., i], axis=j) + (i == j)
-    return 100.0 * np.mean(np.linalg.det(jac) <= 0)
-
-
-# ---------------------------------------------------------------------------
-# Stand-in networks: the train step and evaluation work with any flax module that
-# maps (B, *S, 2) to (B, *S, 3).
-
-
-class TinyNet(nn.Module):
-    """Two 3D convolutions with dropout in between."""
-
-    @nn.compact
-    def __call__(self, x, train=False):
-        h = nn.leaky_relu(nn.Conv(4, (3, 3, 3))(x), 0.2)
-        h = nn.Dropout(0.2, deterministic=not train)(h)
-        return nn.Conv(3, (3, 3, 3), kernel_init=nn.initializers.normal(0.1))(h)
+# A stand-in network for the evaluation tests.
 
 
 class FixedDisp(nn.Module):
@@ -92,20 +53,13 @@ def small_config(mode="ofg", **train_overrides):
     return config
 
 
-def random_batch(rng, batch, size):
-    shape = (batch,) + size
-    smooth = lambda x: (x + np.roll(x, 1, 1) + np.roll(x, 1, 2) + np.roll(x, 1, 3)) / 4
-    return {"moving": smooth(rng.random(shape)).astype(np.float32),
-            "fixed": smooth(rng.random(shape)).astype(np.float32)}
-
-
 # ---------------------------------------------------------------------------
 # Learning rates.
 
 
 def test_lr_schedule_is_reference_poly_decay_by_epoch():
     lr0, epochs, steps_per_epoch = 3e-4, 7, 5
-    schedule = jax.jit(train.make_lr_schedule(lr0, epochs, steps_per_epoch))
+    schedule = jax.jit(schedules.make_lr_schedule(lr0, epochs, steps_per_epoch))
     for step in range(epochs * steps_per_epoch + 3):
         epoch = min(step // steps_per_epoch, epochs - 1)
         expected = round(lr0 * (1 - epoch / epochs) ** 0.9, 8)
@@ -121,12 +75,12 @@ def test_train_step_loss_and_gradient_match_hand_computation(mode):
     size, steps_per_epoch = (12, 10, 8), 3
     config = small_config(mode, learning_rate=1e-3)
     model = TinyNet()
-    state = train.create_train_state(config, model, size, steps_per_epoch)
+    state = train_step.create_train_state(config, model, size, steps_per_epoch)
     params0 = jax.tree.map(np.array, state.params)  # Copies: the step donates state.
     rng_key = np.array(state.rng)
     batch = random_batch(np.random.default_rng(1), 2, size)
 
-    step = train.make_train_step(config, steps_per_epoch)
+    step = train_step.make_train_step(config, steps_per_epoch, size)
     new_state, metrics = step(state, batch)
 
     # By hand: the prediction with the step-0 dropout key; in OFG mode the
@@ -175,12 +129,15 @@ def test_train_step_loss_and_gradient_match_hand_computation(mode):
     assert int(new_state.step) == 1
 
 
-def test_train_step_follows_both_lr_decays_without_recompiling():
+def test_train_step_follows_both_lr_decays_without_recompiling(monkeypatch):
     # The settings of the OFG hand-computation test: its compilation is reused.
     size, steps_per_epoch = (12, 10, 8), 3
     config = small_config(learning_rate=1e-3)
-    state = train.create_train_state(config, TinyNet(), size, steps_per_epoch)
-    step = train.make_train_step(config, steps_per_epoch)
+    # Tracing the step a second time (a recompilation) fails the test.
+    monkeypatch.setattr(train_step, "train_step",
+                        chex.assert_max_traces(train_step.train_step, n=1))
+    state = train_step.create_train_state(config, TinyNet(), size, steps_per_epoch)
+    step = train_step.make_train_step(config, steps_per_epoch, size)
     rng = np.random.default_rng(0)
     for i in range(7):
         state, metrics = step(state, random_batch(rng, 2, size))
@@ -189,13 +146,12 @@ def test_train_step_follows_both_lr_decays_without_recompiling():
                                    round(1e-3 * (1 - epoch / 4) ** 0.9, 8), rtol=1e-6)
         np.testing.assert_allclose(float(metrics["ofg_lr"]),
                                    round(0.1 * (1 - epoch / 4) ** 0.9, 8), rtol=1e-6)
-    assert step._cache_size() == 1
 
 
 def test_reg_weight_defaults_to_the_modes_reference_value():
-    assert train.reg_weight(small_config("ofg")) == 0.02
-    assert train.reg_weight(small_config("unsupervised")) == 1.0
-    assert train.reg_weight(small_config("ofg", reg_weight=0.5)) == 0.5
+    assert config_lib.reg_weight(small_config("ofg")) == 0.02
+    assert config_lib.reg_weight(small_config("unsupervised")) == 1.0
+    assert config_lib.reg_weight(small_config("ofg", reg_weight=0.5)) == 0.5
 
 
 # ---------------------------------------------------------------------------
@@ -212,12 +168,12 @@ def test_evaluation_matches_numpy_dice_and_jacobian():
         fixed_seg = rng.integers(0, 5, size).astype(np.int32)
         pairs.append(evaluate_pair(f"pair{i}", moving_seg, fixed_seg, rng))
 
-    eval_fn = evaluate.make_model_eval_fn(FixedDisp(tuple(disp.tolist())), labels)
-    result = evaluate.evaluate(eval_fn, {}, pairs, labels)
+    eval_fn = evaluation.make_model_eval_fn(FixedDisp(tuple(disp.tolist())), labels)
+    result = evaluation.evaluate(eval_fn, {}, pairs, labels)
 
-    folding = np_non_positive_jacobian_pct(disp)
+    folding = 100.0 * np.mean(np_jacobian_determinant(disp) <= 0)
     assert 0 < folding < 100  # The random field folds somewhere: a real check.
-    per_pair = [np_dice(np_warp_nearest(p.moving_seg, disp), p.fixed_seg, labels)
+    per_pair = [np_dice(np_warp(p.moving_seg, disp, order=0), p.fixed_seg, labels)
                 for p in pairs]
     for row, dice in zip(result.rows, per_pair):
         np.testing.assert_allclose([row[f"dice_{l}"] for l in labels], dice, atol=1e-6)
@@ -226,8 +182,8 @@ def test_evaluation_matches_numpy_dice_and_jacobian():
     np.testing.assert_allclose(result.dice, np.mean(per_pair), atol=1e-6)
     np.testing.assert_allclose(result.non_pos_jacobian_pct, folding, atol=1e-4)
 
-    identity = evaluate.evaluate(evaluate.make_identity_eval_fn(labels), None, pairs,
-                                 labels)
+    identity = evaluation.evaluate(evaluation.make_identity_eval_fn(labels), None,
+                                   pairs, labels)
     np.testing.assert_allclose(
         identity.dice, np.mean([np_dice(p.moving_seg, p.fixed_seg, labels)
                                 for p in pairs]), atol=1e-6)
@@ -258,20 +214,20 @@ def test_invalid_config_values_are_named(key, value, message):
     section, field = key.split(".")
     config[section][field] = value
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-        train.validate_config(config)
+        config_lib.validate(config)
 
 
 def test_check_pair_rejects_mismatched_shapes_and_non_finite_images():
     good = np.zeros((4, 5, 6), np.float32)
-    train.check_pair(good, good, (4, 5, 6), "pair x")
+    input_pipeline.check_pair(good, good, (4, 5, 6), "pair x")
     with pytest.raises(ValueError, match=r"pair x.*\(4, 5, 6\).*\(4, 5, 5\)"):
-        train.check_pair(good, good[..., :5], (4, 5, 6), "pair x")
+        input_pipeline.check_pair(good, good[..., :5], (4, 5, 6), "pair x")
     with pytest.raises(ValueError, match="img_size is"):
-        train.check_pair(good[..., :5], good[..., :5], (4, 5, 6), "pair x")
+        input_pipeline.check_pair(good[..., :5], good[..., :5], (4, 5, 6), "pair x")
     bad = good.copy()
     bad[1, 2, 3] = np.nan
     with pytest.raises(ValueError, match="fixed image has non-finite"):
-        train.check_pair(good, bad, (4, 5, 6), "pair x")
+        input_pipeline.check_pair(good, bad, (4, 5, 6), "pair x")
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +318,7 @@ def check_outputs(workdir, summary, num_labels):
     for row in read_metrics(workdir):
         assert scalars["train/loss"][int(row["step"])] == pytest.approx(
             float(row["loss"]), rel=1e-6)
-    assert summary["steps"] in train.checkpoint_lib.Checkpoints(
+    assert summary["steps"] in checkpoint.Checkpoints(
         os.path.join(workdir, "checkpoints"), 1).all_steps()
 
 
@@ -442,7 +398,7 @@ def test_resume_and_reruns_reproduce_the_uninterrupted_run(tmp_path, monkeypatch
         with pytest.raises(train.NonFiniteLossError,
                            match=r"step 6.*last good checkpoint, step 5"):
             train.train_and_evaluate(tiny_run_config(), resumed)
-    assert train.checkpoint_lib.Checkpoints(
+    assert checkpoint.Checkpoints(
         os.path.join(resumed, "checkpoints"), 1).latest_step() == 5
 
     # What a kill in the middle of saving step 9 leaves: orbax's unrenamed

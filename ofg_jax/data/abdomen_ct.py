@@ -5,9 +5,10 @@ import os
 
 import numpy as np
 
+from ofg_jax import nifti
 from ofg_jax.data import readers
-from ofg_jax.data.base import (Pair, RegistrationData, as_image, as_labels, check_grid,
-                               random_partners)
+from ofg_jax.data.base import Pair, RegistrationData, check_grid, data_root, random_partners
+from ofg_jax.volumes import as_image, as_labels
 
 JSON_NAME = "AbdomenCTCT_dataset.json"
 INTENSITY_SCALE = 500.0
@@ -64,6 +65,12 @@ class AbdomenCT(RegistrationData):
     name = "abdomen_ct"
     labels = LABELS
 
+    @classmethod
+    def from_config(cls, config, seed):
+        pairs_json = os.path.expanduser(str(config.get("pairs_json") or ""))
+        return cls(data_root(config, "Abdomen CT"), pairs_json=pairs_json,
+                   img_size=config.get("img_size"), **cls.common_options(config, seed))
+
     def __init__(self, root: str, *, seed: int, augment: bool, num_val: int,
                  pairs_json: str = "", img_size=None):
         super().__init__(seed=seed, augment=augment, num_val=num_val)
@@ -97,7 +104,7 @@ class AbdomenCT(RegistrationData):
         for key in sorted(val_keys):
             readers.require_file(self._label_path(key), f"label of {key}", LAYOUT)
         self._grid_source = os.path.join(root, self.train_keys[0])
-        self.img_size = readers.nifti_shape(self._grid_source)
+        self.img_size = nifti.header_shape(self._grid_source)
         if len(self.img_size) != 3:
             raise ValueError(f"{self._grid_source} must be a 3D volume, got shape "
                              f"{self.img_size}")
@@ -107,7 +114,7 @@ class AbdomenCT(RegistrationData):
         paths = ([os.path.join(root, k) for k in self.train_keys + sorted(val_keys)]
                  + [self._label_path(k) for k in sorted(val_keys)])
         for path in paths:
-            shape = readers.nifti_shape(path)
+            shape = nifti.header_shape(path)
             if shape != self.img_size:
                 raise ValueError(f"volume shape {shape} of {path} does not match the dataset "
                                  f"grid {self.img_size} (from {self._grid_source})")
@@ -128,13 +135,13 @@ class AbdomenCT(RegistrationData):
 
     def _load_image(self, key):
         path = os.path.join(self.root, key)
-        image = as_image(readers.read_nifti(path), path) / np.float32(INTENSITY_SCALE)
+        image = as_image(nifti.read_array(path), path) / np.float32(INTENSITY_SCALE)
         check_grid(image, path, self.img_size, self._grid_source)
         return image
 
     def _load_seg(self, key):
         path = self._label_path(key)
-        seg = as_labels(readers.read_nifti(path, labels=True), path)
+        seg = as_labels(nifti.read_array(path, labels=True), path)
         check_grid(seg, path, self.img_size, self._grid_source)
         return seg
 

@@ -14,10 +14,12 @@ guarded by a lock.
 import abc
 import collections.abc
 import dataclasses
+import os
 import threading
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
+
 
 DEMO_HINT = ("To try the code without any data, use the built-in synthetic phantom: "
              "--config=configs/demo.py")
@@ -105,31 +107,6 @@ def check_grid(volume: np.ndarray, path: str, grid: tuple[int, ...], grid_source
             f"grid {tuple(grid)} (from {grid_source})")
 
 
-def as_image(array, path: str, what: str = "image") -> np.ndarray:
-    """Checks a loaded image is 3D and finite; returns it as ``float32``."""
-    array = _as_3d(np.asarray(array), path, what)
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{what} in {path} has non-numeric dtype {array.dtype}")
-    image = array.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(image)):
-        bad = int(np.size(image) - np.count_nonzero(np.isfinite(image)))
-        raise ValueError(f"{what} in {path} has {bad} non-finite (NaN or inf) voxels")
-    return image
-
-
-def as_labels(array, path: str, what: str = "segmentation") -> np.ndarray:
-    """Checks a loaded label map is 3D with integer values; returns it as ``int32``."""
-    array = _as_3d(np.asarray(array), path, what)
-    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
-        return array.astype(np.int32, copy=False)
-    if not np.issubdtype(array.dtype, np.floating):
-        raise ValueError(f"{what} in {path} has non-numeric dtype {array.dtype}")
-    rounded = np.rint(array)
-    if not np.all(np.isfinite(array)) or np.any(rounded != array):
-        raise ValueError(f"{what} in {path} holds non-integer label values")
-    return rounded.astype(np.int32)
-
-
 def read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     """Marks cached arrays read-only, so no caller can change them for the others."""
     for a in arrays:
@@ -137,17 +114,19 @@ def read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return arrays
 
 
-def _as_3d(array: np.ndarray, path: str, what: str) -> np.ndarray:
-    # Some writers add a singleton channel axis in front or at the back.
-    while array.ndim > 3 and (array.shape[0] == 1 or array.shape[-1] == 1):
-        array = array[0] if array.shape[0] == 1 else array[..., 0]
-    if array.ndim != 3:
-        raise ValueError(f"{what} in {path} must be a 3D volume, got shape {array.shape}")
-    return array
+def data_root(config: Any, what: str) -> str:
+    """``data.root`` with ``~`` expanded; a ``ValueError`` if it is not set."""
+    root = config.get("root") or ""
+    if not root:
+        raise ValueError(f"data.root must name the {what} data folder. {DEMO_HINT}")
+    return os.path.expanduser(str(root))
 
 
 class RegistrationData(abc.ABC):
     """Base class of the datasets: subclasses provide the volumes and the pairing.
+
+    A dataset is built from the ``data`` section of a training config by its
+    :meth:`from_config`; ``ofg_jax.data.DATASETS`` maps ``data.name`` to the class.
 
     Attributes:
       name: dataset name (``"ixi"``, ``"synthetic"``, ...).
@@ -170,7 +149,19 @@ class RegistrationData(abc.ABC):
         self._cache_lock = threading.Lock()
         self._cache = {}
 
+    @staticmethod
+    def common_options(config: Any, seed: int) -> dict[str, Any]:
+        """The constructor arguments every dataset takes: ``seed``, ``augment``,
+        ``num_val`` (``data.*`` keys; absent = off / all)."""
+        return dict(seed=int(seed), augment=bool(config.get("augment") or False),
+                    num_val=int(config.get("num_val") or 0))
+
     # --- what a dataset implements -------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, config: Any, seed: int) -> "RegistrationData":
+        """The dataset of the ``data`` config section; ``seed`` orders the plans."""
 
     @abc.abstractmethod
     def _plan_pairs(self, rng: np.random.Generator) -> list[tuple[str, str]]:

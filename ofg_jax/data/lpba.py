@@ -4,9 +4,10 @@ import os
 
 import numpy as np
 
+from ofg_jax import nifti
 from ofg_jax.data import readers
-from ofg_jax.data.base import (Pair, RegistrationData, as_image, as_labels, check_grid,
-                               read_only)
+from ofg_jax.data.base import Pair, RegistrationData, check_grid, data_root, read_only
+from ofg_jax.volumes import as_image, as_labels
 
 IMAGE_SUFFIX = ".delineation.skullstripped.nii.gz"
 LABEL_SUFFIX = ".delineation.structure.label.nii.gz"
@@ -41,6 +42,11 @@ class LPBA(RegistrationData):
     name = "lpba"
     labels = LABELS
 
+    @classmethod
+    def from_config(cls, config, seed):
+        return cls(data_root(config, "LPBA40"), img_size=config.get("img_size"),
+                   **cls.common_options(config, seed))
+
     def __init__(self, root: str, *, seed: int, augment: bool, num_val: int,
                  img_size=None):
         super().__init__(seed=seed, augment=augment, num_val=num_val)
@@ -52,7 +58,7 @@ class LPBA(RegistrationData):
                              LAYOUT)
         self.train_paths = self._subjects("Train", need_labels=False)
         self.val_paths = self._subjects("Val", need_labels=True)
-        self.img_size = readers.nifti_shape(self.atlas_path)
+        self.img_size = nifti.header_shape(self.atlas_path)
         if len(self.img_size) != 3:
             raise ValueError(f"atlas {self.atlas_path} must be a 3D volume, got shape "
                              f"{self.img_size}")
@@ -63,7 +69,7 @@ class LPBA(RegistrationData):
             for p in (path, self._label_path(path)):
                 if not os.path.isfile(p):  # a training subject without labels
                     continue
-                shape = readers.nifti_shape(p)
+                shape = nifti.header_shape(p)
                 if shape != self.img_size:
                     raise ValueError(f"volume shape {shape} of {p} does not match the "
                                      f"dataset grid {self.img_size} (from {self.atlas_path})")
@@ -88,12 +94,12 @@ class LPBA(RegistrationData):
         return image_path[:-len(IMAGE_SUFFIX)] + LABEL_SUFFIX
 
     def _read(self, path: str, with_labels: bool):
-        image = normalize(as_image(readers.read_nifti(path), path), path)
+        image = normalize(as_image(nifti.read_array(path), path), path)
         check_grid(image, path, self.img_size, self.atlas_path)
         if not with_labels:
             return image, None
         label_path = self._label_path(path)
-        seg = as_labels(readers.read_nifti(label_path, labels=True), label_path)
+        seg = as_labels(nifti.read_array(label_path, labels=True), label_path)
         check_grid(seg, label_path, self.img_size, self.atlas_path)
         return image, seg
 

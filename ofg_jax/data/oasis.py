@@ -5,8 +5,8 @@ import os
 import numpy as np
 
 from ofg_jax.data import readers
-from ofg_jax.data.base import (Pair, RegistrationData, as_image, as_labels, check_grid,
-                               random_partners)
+from ofg_jax.data.base import Pair, RegistrationData, check_grid, data_root, random_partners
+from ofg_jax.volumes import as_image, as_labels
 
 LAYOUT = """\
   ROOT/Train/*.pkl      (image, seg) per training subject
@@ -25,6 +25,11 @@ class OASIS(RegistrationData):
 
     name = "oasis"
     labels = LABELS
+
+    @classmethod
+    def from_config(cls, config, seed):
+        return cls(data_root(config, "OASIS"), img_size=config.get("img_size"),
+                   **cls.common_options(config, seed))
 
     def __init__(self, root: str, *, seed: int, augment: bool, num_val: int,
                  img_size=None):

@@ -58,33 +58,3 @@ def read_pkl(path: str, num_arrays: int) -> tuple[np.ndarray, ...]:
         raise ValueError(f"{path} should hold a tuple of {num_arrays} arrays, got {kind}")
     return tuple(np.asarray(a) for a in content)
 
-
-def read_nifti(path: str, labels: bool = False) -> np.ndarray:
-    """Voxel array of a NIfTI file: ``float32`` for images, stored values for labels."""
-    import nibabel as nib  # imported here: only the NIfTI datasets need it
-
-    try:
-        img = nib.load(path)
-        if labels:
-            return np.asanyarray(img.dataobj)
-        return img.get_fdata(dtype=np.float32)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"could not read NIfTI file {path}: {type(e).__name__}: {e}") from e
-
-
-def nifti_shape(path: str) -> tuple[int, ...]:
-    """Grid of a NIfTI file from its header (reads no voxels); trailing 1s dropped."""
-    import nibabel as nib
-
-    try:
-        shape = tuple(int(n) for n in nib.load(path).shape)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"could not read NIfTI header of {path}: {type(e).__name__}: {e}"
-                         ) from e
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape

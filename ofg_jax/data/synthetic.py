@@ -50,6 +50,27 @@ class Synthetic(RegistrationData):
         self.appearance = appearance
         self.anatomy = phantom.Anatomy.draw(self._rng(_ANATOMY, 0))
 
+    @classmethod
+    def from_config(cls, config, seed):
+        """``data.img_size`` and ``data.num_train`` are required; the phantom's keys
+        (``val_subjects``, ``phantom_seed``, ``warp_rms``, ``scale_std``,
+        ``shift_std``, ``noise_std``, ``bias_std``) default to the phantom's own
+        defaults where absent."""
+        if config.get("img_size") is None or config.get("num_train") is None:
+            raise ValueError("the synthetic dataset needs data.img_size (3 ints) and "
+                             "data.num_train")
+        given = lambda keys: {field: config[key] for key, field in keys.items()
+                              if config.get(key) is not None}
+        deformation = phantom.Deformation(**given(
+            {"warp_rms": "warp", "scale_std": "scale", "shift_std": "shift"}))
+        appearance = phantom.Appearance(**given({"noise_std": "noise",
+                                                 "bias_std": "bias"}))
+        return cls(img_size=config.img_size, num_train=int(config.num_train),
+                   deformation=deformation, appearance=appearance,
+                   **given({"val_subjects": "val_subjects",
+                            "phantom_seed": "phantom_seed"}),
+                   **cls.common_options(config, seed))
+
     def _rng(self, stream: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.phantom_seed, stream, index])
 

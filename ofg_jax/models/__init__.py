@@ -1,53 +1,66 @@
-"""Registration networks: ``create(name, img_size, **overrides)``.
+"""Registration networks: ``create(name, img_size, **options)``.
 
-Every network maps a channels-last pair ``(B, *img_size, 2)`` (moving image first,
-fixed second) to a displacement ``(B, *img_size, 3)`` in voxels whose component
-``k`` moves along array axis ``k`` (as ``ofg_jax.warp``). Call them as
-``model.apply(variables, x, train=False)``; with ``train=True`` pass
-``rngs={"dropout": key}`` (dropout, drop path) and, for ``vitvnet`` (BatchNorm),
-``mutable=["batch_stats"]``.
+Every network is a :class:`RegistrationNetwork`: it maps a channels-last pair
+``(B, *img_size, 2)`` (moving image first, fixed second) to a displacement
+``(B, *img_size, 3)`` in voxels whose component ``k`` moves along array axis ``k``
+(as ``ofg_jax.warp``). Call them as ``model.apply(variables, x, train=False)``;
+with ``train=True`` pass ``rngs={"dropout": key}`` (dropout, drop path) and, for
+``vitvnet`` (BatchNorm), ``mutable=["batch_stats"]``.
+
+A new network is one module with a ``RegistrationNetwork`` subclass and one line
+in :data:`NETWORKS`.
 """
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
-import flax.linen as nn
-
+from ofg_jax.models.base import RegistrationNetwork
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.models.layers import Conv3D, conv3d
 from ofg_jax.models.transmorph import TransMorph
 from ofg_jax.models.vitvnet import ViTVNet
 from ofg_jax.models.voxelmorph import VoxelMorph
 
-_MODELS = {"voxelmorph": VoxelMorph, "vitvnet": ViTVNet, "transmorph": TransMorph}
-NAMES = tuple(_MODELS)
+NETWORKS = {"voxelmorph": VoxelMorph, "vitvnet": ViTVNet, "transmorph": TransMorph}
+NAMES = tuple(NETWORKS)
 
 
-def create(name: str, img_size: Sequence[int], **overrides) -> nn.Module:
+def options(name: str) -> dict[str, Any]:
+    """The options of network ``name`` (every attribute but ``img_size``), with
+    their defaults: the published configuration.
+
+    Raises:
+      ValueError: for an unknown ``name``.
+    """
+    if name not in NETWORKS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")
+    return {field.name: field.default for field in dataclasses.fields(NETWORKS[name])
+            if field.name not in ("parent", "name", "img_size")}
+
+
+def create(name: str, img_size: Sequence[int], **overrides) -> RegistrationNetwork:
     """The network ``name`` for volumes of spatial size ``img_size``.
 
     Args:
       name: one of ``NAMES``.
       img_size: ``(D, H, W)``.
-      **overrides: module attributes to change from the published configuration,
-        e.g. ``window_size=(2, 2, 2)`` for TransMorph at 64^3,
-        ``diffeomorphic=True``, ``dtype=jnp.bfloat16``.
+      **overrides: options (:func:`options`) to change from the published
+        configuration, e.g. ``window_size=(2, 2, 2)`` for TransMorph at 64^3,
+        ``diffeomorphic=True``, ``dtype="bfloat16"``.
 
     Raises:
-      ValueError: for an unknown ``name`` or attribute, or an ``img_size`` the
+      ValueError: for an unknown ``name`` or option, or an ``img_size`` the
         architecture cannot take (named constraint), before anything is traced.
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")
-    cls = _MODELS[name]
-    fields = set(cls.__dataclass_fields__) - {"parent", "name", "img_size"}
-    unknown = sorted(set(overrides) - fields)
+    valid = options(name)
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
-            f"unknown {name} option(s) {unknown}; valid: {', '.join(sorted(fields))}")
-    model = cls(img_size=tuple(img_size), **overrides)
+            f"unknown {name} option(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    model = NETWORKS[name](img_size=tuple(img_size), **overrides)
     model.check_size()
     return model
 
 
-__all__ = ["NAMES", "Conv3D", "TransMorph", "ViTVNet", "VoxelMorph", "conv3d", "create",
-           "integrate_velocity"]
+__all__ = ["NAMES", "NETWORKS", "Conv3D", "RegistrationNetwork", "TransMorph", "ViTVNet",
+           "VoxelMorph", "conv3d", "create", "integrate_velocity", "options"]

@@ -1,7 +1,6 @@
 """Diffeomorphic output: integrating a stationary velocity field."""
 
 import jax
-import jax.numpy as jnp
 
 from ofg_jax.warp import warp
 
@@ -25,8 +24,3 @@ def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
     compose = jax.vmap(lambda d: d + warp(d, d))
     return jax.lax.fori_loop(0, steps, lambda _, d: compose(d), disp)
 
-
-def finalize_flow(flow: jax.Array, diffeomorphic: bool, int_steps: int) -> jax.Array:
-    """The networks' output: ``flow`` in float32, integrated if ``diffeomorphic``."""
-    flow = flow.astype(jnp.float32)
-    return integrate_velocity(flow, int_steps) if diffeomorphic else flow

@@ -1,16 +1,15 @@
 """TransMorph (Chen et al. 2022): a 3D Swin Transformer encoder in a U-Net."""
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofg_jax.models.integrate import finalize_flow
-from ofg_jax.models.layers import Conv3D, flow_head_init, torch_dense
+from ofg_jax.models.base import RegistrationNetwork, check_divisible, check_img_size
+from ofg_jax.models.layers import Conv3D, torch_dense
 from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
-from ofg_jax.models.sizes import check_divisible, check_img_size, check_input
 
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
 PATCH_SIZE = 4  # fixed: the decoder's conv skips sit at 1/2 and full resolution
@@ -234,7 +233,7 @@ class DecoderBlock(nn.Module):
 # The network.
 
 
-class TransMorph(nn.Module):
+class TransMorph(RegistrationNetwork):
     """TransMorph: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement in voxels.
 
     Swin encoder: a 4x4x4 patch embedding (conv + LayerNorm), four
@@ -247,7 +246,7 @@ class TransMorph(nn.Module):
     ``N(0, 1e-5)``. The defaults (window (5, 6, 7)) have 46,771,251 parameters at
     160x192x224; window (5, 6, 5) at 160x192x160 (LPBA) has 46,745,907.
 
-    Attributes:
+    Attributes (besides those of ``RegistrationNetwork``):
       img_size: ``(D, H, W)``; each axis divisible by 32 (4^3 patches, then 3
         patch mergings), and every stage's grid (``img_size / 4 / 2**i``)
         divisible by ``window_size``. For small volumes pass a smaller window,
@@ -255,10 +254,8 @@ class TransMorph(nn.Module):
       embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
       drop_rate, attn_drop_rate, drop_path_rate, reg_head_chan: the architecture
         (defaults: the published configuration).
-      diffeomorphic, int_steps, dtype, conv_impl: as in ``VoxelMorph``.
     """
 
-    img_size: Sequence[int]
     embed_dim: int = 96
     depths: Sequence[int] = (2, 2, 4, 2)
     num_heads: Sequence[int] = (4, 4, 8, 8)
@@ -269,10 +266,6 @@ class TransMorph(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.3
     reg_head_chan: int = 16
-    diffeomorphic: bool = False
-    int_steps: int = 7
-    dtype: Optional[Any] = None
-    conv_impl: str = "auto"
 
     def stage_sizes(self) -> list[tuple[int, int, int]]:
         """The token grid of each Swin stage."""
@@ -309,8 +302,8 @@ class TransMorph(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``x``: ``(B, D, H, W, 2)``, moving then fixed."""
         self.check_size()
-        check_input("TransMorph", x, self.img_size)
-        dtype = self.dtype or jnp.float32
+        self.check_input(x)
+        dtype = self.compute_dtype
         deterministic = not train
         window = tuple(self.window_size)
         shift = tuple(w // 2 for w in window)
@@ -348,7 +341,4 @@ class TransMorph(nn.Module):
         h = stage_outputs[3]
         for i, (features, skip) in enumerate(zip(widths, skips)):
             h = DecoderBlock(features, dtype, self.conv_impl, name=f"up{i}")(h, skip)
-        kernel_init, bias_init = flow_head_init()
-        flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
-                      dtype=dtype, impl=self.conv_impl, name="flow")(h)
-        return finalize_flow(flow, self.diffeomorphic, self.int_steps)
+        return self.flow(h)

@@ -1,15 +1,14 @@
 """ViT-V-Net (Chen et al. 2021): a ViT bottleneck in a convolutional U-Net."""
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ofg_jax.models.integrate import finalize_flow
-from ofg_jax.models.layers import Conv3D, flow_head_init, torch_dense
+from ofg_jax.models.base import RegistrationNetwork, check_divisible
+from ofg_jax.models.layers import Conv3D, torch_dense
 from ofg_jax.models.resample import max_pool2, upsample_linear2
-from ofg_jax.models.sizes import check_divisible, check_input
 
 PATCH_SIZE = 8  # fixed: the decoder's five x2 upsamplings start from 1/32
 
@@ -102,7 +101,7 @@ class ViTBlock(nn.Module):
         return x + h
 
 
-class ViTVNet(nn.Module):
+class ViTVNet(RegistrationNetwork):
     """ViT-V-Net: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement in voxels.
 
     A CNN encoder (``encoder_channels``: a double conv at full resolution, then
@@ -117,7 +116,7 @@ class ViTVNet(nn.Module):
     Variables: ``params`` and ``batch_stats`` (the decoder's BatchNorm). With
     ``train=True`` pass ``mutable=["batch_stats"]`` and ``rngs={"dropout": key}``.
 
-    Attributes:
+    Attributes (besides those of ``RegistrationNetwork``):
       img_size: ``(D, H, W)``, each divisible by 32 (two 2x downsamplings, then
         8^3 patches: the five decoder blocks bring the 1/32 token grid back to
         full resolution).
@@ -125,10 +124,8 @@ class ViTVNet(nn.Module):
       dropout_rate, attention_dropout_rate, conv_first_channel, decoder_channels:
       the architecture (defaults: the published configuration; the skip widths
       follow from ``encoder_channels``: ``(c2, c2, c2, c1, c0)``).
-      diffeomorphic, int_steps, dtype, conv_impl: as in ``VoxelMorph``.
     """
 
-    img_size: Sequence[int]
     encoder_channels: Sequence[int] = (16, 32, 32)
     hidden_size: int = 252
     num_layers: int = 12
@@ -138,10 +135,6 @@ class ViTVNet(nn.Module):
     attention_dropout_rate: float = 0.0
     conv_first_channel: int = 512
     decoder_channels: Sequence[int] = (96, 48, 32, 32, 16)
-    diffeomorphic: bool = False
-    int_steps: int = 7
-    dtype: Optional[Any] = None
-    conv_impl: str = "auto"
 
     def check_size(self) -> None:
         """Raises ``ValueError`` if the configuration or ``img_size`` cannot work."""
@@ -162,8 +155,8 @@ class ViTVNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """``x``: ``(B, D, H, W, 2)``, moving then fixed."""
         self.check_size()
-        check_input("ViTVNet", x, self.img_size)
-        dtype = self.dtype or jnp.float32
+        self.check_input(x)
+        dtype = self.compute_dtype
         impl = self.conv_impl
         c0, c1, c2 = self.encoder_channels
 
@@ -189,7 +182,4 @@ class ViTVNet(nn.Module):
         h = ConvBNReLU(self.conv_first_channel, dtype, impl, name="conv_more")(h, train)
         for i, (features, skip) in enumerate(zip(self.decoder_channels, skips)):
             h = DecoderBlock(features, dtype, impl, name=f"decoder_{i}")(h, skip, train)
-        kernel_init, bias_init = flow_head_init()
-        flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
-                      dtype=dtype, impl=impl, name="flow")(h)
-        return finalize_flow(flow, self.diffeomorphic, self.int_steps)
+        return self.flow(h)

@@ -1,18 +1,17 @@
 """VoxelMorph (Balakrishnan et al. 2019): the U-Net registration network."""
 
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ofg_jax.models.integrate import finalize_flow
-from ofg_jax.models.layers import Conv3D, flow_head_init
+from ofg_jax.models.base import RegistrationNetwork, check_divisible
+from ofg_jax.models.layers import Conv3D
 from ofg_jax.models.resample import upsample_nearest2
-from ofg_jax.models.sizes import check_input, check_divisible
 
 
-class VoxelMorph(nn.Module):
+class VoxelMorph(RegistrationNetwork):
     """VoxelMorph U-Net: ``(B, *img_size, 2) -> (B, *img_size, 3)`` displacement.
 
     Encoder: stride-2 3x3x3 convs with ``enc_features``. Decoder: a 3x3x3 conv per
@@ -22,27 +21,15 @@ class VoxelMorph(nn.Module):
     initialised ``N(0, 1e-5)`` with zero bias. LeakyReLU(0.2) after every conv but
     the head. The defaults have 274,387 parameters (2 input channels).
 
-    Attributes:
-      img_size: spatial size ``(D, H, W)``; each divisible by
-        ``2 ** len(enc_features)``.
+    Attributes (besides those of ``RegistrationNetwork``):
       enc_features, dec_features, final_features: channels per conv;
-        ``len(dec_features) == len(enc_features)``.
-      diffeomorphic: treat the head's output as a stationary velocity field and
-        integrate it (scaling and squaring, ``int_steps`` steps).
-      int_steps: squarings when ``diffeomorphic``.
-      dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and the
-        displacement is returned in float32.
-      conv_impl: ``conv3d`` implementation (``"auto"``, ``"xla"``, ``"cpu"``).
+        ``len(dec_features) == len(enc_features)``; ``img_size`` divisible by
+        ``2 ** len(enc_features)``.
     """
 
-    img_size: Sequence[int]
     enc_features: Sequence[int] = (8, 32, 32, 32)
     dec_features: Sequence[int] = (32, 32, 32, 32)
     final_features: Sequence[int] = (32, 8, 8)
-    diffeomorphic: bool = False
-    int_steps: int = 7
-    dtype: Optional[Any] = None
-    conv_impl: str = "auto"
 
     def check_size(self) -> None:
         """Raises ``ValueError`` if ``img_size`` cannot go through the U-Net."""
@@ -58,8 +45,8 @@ class VoxelMorph(nn.Module):
         """``x``: ``(B, D, H, W, 2)``, moving then fixed. ``train`` is unused."""
         del train
         self.check_size()
-        check_input("VoxelMorph", x, self.img_size)
-        dtype = self.dtype or jnp.float32
+        self.check_input(x)
+        dtype = self.compute_dtype
         conv = lambda features, stride, name: Conv3D(
             features, 3, stride, 1, dtype=dtype, impl=self.conv_impl, name=name)
         act = lambda h: nn.leaky_relu(h, 0.2)
@@ -75,7 +62,4 @@ class VoxelMorph(nn.Module):
             h = jnp.concatenate([upsample_nearest2(h), skips.pop()], axis=-1)
         for i, features in enumerate(self.final_features):
             h = act(conv(features, 1, f"final_{i}")(h))
-        kernel_init, bias_init = flow_head_init()
-        flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
-                      dtype=dtype, impl=self.conv_impl, name="flow")(h)
-        return finalize_flow(flow, self.diffeomorphic, self.int_steps)
+        return self.flow(h)

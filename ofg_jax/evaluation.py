@@ -1,9 +1,10 @@
-"""Validation metrics: Dice of warped labels and folding of the displacement.
+"""Scoring registered pairs: Dice of warped labels and folding of the displacement.
 
 Computed as the reference does: the moving label map is warped with nearest
 neighbour interpolation, Dice is taken per label of interest and averaged over
 labels, then over pairs; folding is the percentage of voxels whose Jacobian
-determinant is <= 0.
+determinant is <= 0. Training validation, the evaluation command and the
+experiments all score through :func:`pair_metrics` and :class:`EvalResult`.
 """
 
 import csv
@@ -15,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofg_jax import dice as dice_per_label
-from ofg_jax import non_positive_jacobian_pct
-from ofg_jax import warp
+from ofg_jax.inference import predict
+from ofg_jax.metrics import dice_per_label
+from ofg_jax.metrics import non_positive_jacobian_pct
+from ofg_jax.warp import warp
 
 PairMetricsFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -35,6 +37,26 @@ class EvalResult:
     dice: float
     non_pos_jacobian_pct: float
     rows: list[dict[str, Any]]
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> "EvalResult":
+        """The means over pairs of per-pair rows (:func:`pair_row`)."""
+        if not rows:
+            raise ValueError("evaluation needs at least one pair, got none")
+        return cls(dice=float(np.mean([row["dice"] for row in rows])),
+                   non_pos_jacobian_pct=float(
+                       np.mean([row["non_pos_jacobian_pct"] for row in rows])),
+                   rows=list(rows))
+
+
+def pair_row(name: str, dice: np.ndarray, folding: float,
+             labels: Sequence[int], **extra: Any) -> dict[str, Any]:
+    """One pair's row: ``name``, mean ``dice``, ``non_pos_jacobian_pct``, any
+    ``extra`` columns, then ``dice_<label>`` for every label."""
+    row = {"name": str(name), "dice": float(np.mean(dice)),
+           "non_pos_jacobian_pct": float(folding), **extra}
+    row.update({f"dice_{label}": float(d) for label, d in zip(labels, dice)})
+    return row
 
 
 def pair_metrics(disp: jax.Array, moving_seg: jax.Array, fixed_seg: jax.Array,
@@ -65,8 +87,7 @@ def make_model_eval_fn(model, labels: Sequence[int]) -> PairMetricsFn:
 
     @jax.jit
     def eval_fn(params, moving, fixed, moving_seg, fixed_seg):
-        pair = jnp.stack([moving, fixed], axis=-1)[None]
-        disp = model.apply(params, pair, train=False)[0]
+        disp = predict(model, params, moving, fixed)
         return pair_metrics(disp, moving_seg, fixed_seg, labels)
 
     return eval_fn
@@ -105,15 +126,8 @@ def evaluate(eval_fn: PairMetricsFn, params: Any, pairs: Sequence[Any],
                     jnp.asarray(pair.fixed, jnp.float32),
                     jnp.asarray(pair.moving_seg, jnp.int32),
                     jnp.asarray(pair.fixed_seg, jnp.int32)))
-        row = {"name": str(pair.name), "dice": float(np.mean(dice)),
-               "non_pos_jacobian_pct": float(folding)}
-        row.update({f"dice_{label}": float(d) for label, d in zip(labels, dice)})
-        rows.append(row)
-    return EvalResult(
-        dice=float(np.mean([row["dice"] for row in rows])),
-        non_pos_jacobian_pct=float(
-            np.mean([row["non_pos_jacobian_pct"] for row in rows])),
-        rows=rows)
+        rows.append(pair_row(pair.name, dice, folding, labels))
+    return EvalResult.from_rows(rows)
 
 
 def write_rows(path: str, result: EvalResult) -> None:

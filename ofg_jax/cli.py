@@ -1,0 +1,71 @@
+"""What the command lines share: one-line errors, exit codes and ``--traceback``.
+
+Expected failures print one line ``error: <message>`` on stderr and exit with
+:data:`EXIT_USAGE` (a bad command line or config) or :data:`EXIT_FAILURE` (bad
+inputs, data, workdir, a diverging run); ``--traceback`` shows the Python
+traceback instead. Anything else is a bug and keeps its traceback.
+"""
+
+import sys
+from typing import Any, Callable, Sequence
+
+from absl import flags
+
+from ofg_jax.config import ConfigError
+
+EXIT_FAILURE = 1  # Bad inputs, data, workdir or checkpoint; a diverging run.
+EXIT_USAGE = 2  # Bad command line or config.
+
+# The library's errors for bad inputs, each with a message that names the input.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+class UsageError(Exception):
+    """A bad command line; the message says what is wrong."""
+
+
+def print_error(error: Any) -> None:
+    """Prints ``error: <message>`` on stderr, as one line."""
+    print("error: " + " ".join(str(error).split()), file=sys.stderr)
+
+
+def exit_status(error: BaseException) -> int:
+    """:data:`EXIT_USAGE` for command-line and config errors, else :data:`EXIT_FAILURE`."""
+    if isinstance(error, (UsageError, ConfigError, flags.Error)):
+        return EXIT_USAGE
+    return EXIT_FAILURE
+
+
+def define_traceback_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("traceback", False, "Show the traceback of expected errors.",
+                      flag_values=fv)
+
+
+def run(command: Callable[[flags.FlagValues], None], fv: flags.FlagValues,
+        argv: Sequence[str], doc: str,
+        expected: tuple[type[BaseException], ...] = ()) -> int:
+    """Parses ``argv`` (program name first) into ``fv``, runs ``command(fv)``.
+
+    ``--help`` prints the first two paragraphs of ``doc`` and the flags. ``fv``
+    must have a ``traceback`` flag (:func:`define_traceback_flag`).
+
+    Returns:
+      The exit status: 0, or that of the expected error (one line on stderr).
+    """
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        print("\n\n".join(doc.split("\n\n")[:2]) + "\n\n" + fv.get_help())
+        return 0
+    try:
+        rest = fv(list(argv))
+        if len(rest) > 1:
+            raise UsageError(f"unexpected arguments {rest[1:]}")
+        command(fv)
+    except (flags.Error, UsageError) as e:
+        print_error(e)
+        return EXIT_USAGE
+    except EXPECTED_ERRORS + tuple(expected) as e:
+        if fv.is_parsed() and fv.traceback:
+            raise
+        print_error(e)
+        return exit_status(e)
+    return 0

@@ -1,0 +1,289 @@
+"""Training configs: loading with overrides, the network's options, validation.
+
+A config is an ``ml_collections.ConfigDict`` from a ``get_config()`` file under
+``configs/``; every default lives in those files, except the network options,
+whose defaults are the network's own (the published architecture) and are
+filled into ``config.model`` for the chosen ``model.name`` when a config is
+loaded. The command line (``python -m ofg_jax.main``) and the experiments
+(``--set``) load configs through :func:`load`, so both accept the same keys
+with the same rules.
+"""
+
+import copy
+import json
+import os
+import pathlib
+import re
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import flags
+import ml_collections
+from ml_collections import config_dict
+from ml_collections import config_flags
+
+from ofg_jax import data as data_lib
+from ofg_jax import models
+from ofg_jax.losses import MODES
+from ofg_jax.losses import Intensity
+from ofg_jax.refine import SIMILARITIES
+from ofg_jax.refiner import RefineSettings
+
+DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used; the message names it."""
+
+
+def load(config_file: Optional[str] = None,
+         overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of ``config_file`` (default: the demo) with ``overrides`` applied.
+
+    Args:
+      config_file: a Python file with ``get_config()``; ``path:arg`` passes
+        ``arg`` to it. Config files may import their shared defaults as
+        ``configs.default``.
+      overrides: ``"key=value"`` strings, as on the command line after
+        ``--config.``: ``"train.epochs=3"``, ``"data.img_size=(32,32,32)"``. A
+        value is parsed by the type of the field it replaces. The options of the
+        network chosen by ``model.name`` are keys of ``model`` too.
+
+    Raises:
+      ConfigError: a missing or broken config file, an unknown key (named, with
+        the valid ones where they are few), or a value that does not parse.
+    """
+    config_file = str(config_file or DEMO_CONFIG)
+    path = config_file.split(":", 1)[0]
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found")
+    _make_config_folder_importable(path)
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must have the form key=value")
+    names = [o.split("=", 1)[1] for o in overrides if o.startswith("model.name=")]
+    model_options = [o for o in overrides
+                     if o.startswith("model.") and not o.startswith("model.name=")]
+    others = [o for o in overrides if not o.startswith("model.")]
+    fv = flags.FlagValues()
+    argv = ["ofg_jax", f"--config={config_file}"] + [f"--config.{o}" for o in others]
+    config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
+    config = _parse(fv, argv, others, config_file)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path!r}: get_config() must return an "
+                          f"ml_collections.ConfigDict, got {type(config).__name__}")
+    if names:
+        config = with_overrides(config, {"model.name": names[-1]})
+    else:
+        fill_model_options(config)
+    if model_options:
+        fv = flags.FlagValues()
+        argv = ["ofg_jax"] + [f"--config.{o}" for o in model_options]
+        config_flags.DEFINE_config_dict("config", config, flag_values=fv, sys_argv=argv)
+        try:
+            config = _parse(fv, argv, model_options, config_file)
+        except ConfigError as e:
+            if not str(e).startswith("unknown config key"):
+                raise
+            valid = ", ".join(sorted(k for k in config.model if k != "name"))
+            raise ConfigError(f"{e}; the options of model {config.model.name!r} are: "
+                              f"{valid}") from None
+    return config
+
+
+def _make_config_folder_importable(path: str) -> None:
+    # Config files import their shared defaults as ``configs.default``: put the
+    # folder holding the ``configs`` package on the path.
+    folder = pathlib.Path(path).resolve().parent
+    if (folder / "__init__.py").exists() and str(folder.parent) not in sys.path:
+        sys.path.insert(0, str(folder.parent))
+
+
+def _parse(fv: flags.FlagValues, argv: Sequence[str], overrides: Sequence[str],
+           config_file: str) -> ml_collections.ConfigDict:
+    """Parses ``argv`` into ``fv``'s config flag; config errors as :class:`ConfigError`."""
+    try:
+        fv(list(argv))
+        config = fv["config"].value
+        if not isinstance(config, ml_collections.ConfigDict):
+            config.lock()  # A config that failed to load raises its error here.
+    except (AttributeError, KeyError) as e:  # ml_collections: no such field.
+        raise ConfigError(_unknown_key_message(overrides, e)) from None
+    except flags.Error as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    except Exception as e:  # pylint: disable=broad-except
+        # The config file's own error (a syntax error, a failing get_config()).
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise ConfigError(f"cannot load config {config_file!r}: "
+                          f"{type(e).__name__}: {reason}") from None
+    return config
+
+
+def _unknown_key_message(overrides: Sequence[str], error: Exception) -> str:
+    # ml_collections names only the missing field ("'trian'"), sometimes with a
+    # suggestion; point at the override that holds it.
+    text = str(error).replace("\\n", " ").replace("\\'", "'")
+    field = re.search(r"'(\w+)'", text)
+    keys = [o.split("=", 1)[0] for o in overrides]
+    culprits = [k for k in keys if field and field.group(1) in k.split(".")] or keys
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    return (f"unknown config key in {', '.join('--config.' + k for k in culprits)}"
+            + (f' (did you mean "{hint.group(1)}"?)' if hint else
+               "; see the config file for the available keys"))
+
+
+def fill_model_options(config: ml_collections.ConfigDict, drop_others: bool = False
+                       ) -> None:
+    """Adds the options of ``model.name`` that ``config.model`` lacks, with defaults.
+
+    With ``drop_others``, keys that are not options of ``model.name`` (those of
+    another network, when the command line switches networks) are removed. An
+    unknown ``model.name`` is left for :func:`validate` to report.
+    """
+    try:
+        options = models.options(config.model.name)
+    except ValueError:
+        return
+    with config.unlocked():
+        if drop_others:
+            for key in [k for k in config.model if k != "name" and k not in options]:
+                del config.model[key]
+        for key, default in options.items():
+            if key not in config.model:
+                # A None default (dtype) takes any value given later.
+                config.model[key] = (config_dict.placeholder(object) if default is None
+                                     else default)
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the options of ``model.name`` filled in (what a
+    run records in ``config.json``)."""
+    config = copy.deepcopy(config)
+    fill_model_options(config)
+    return config
+
+
+def with_overrides(config: ml_collections.ConfigDict,
+                   overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with Python values set at dotted keys.
+
+    ``model.name`` is set first; switching networks replaces the model options by
+    the new network's defaults. Lists become tuples; ints given for float fields
+    become floats.
+
+    Raises:
+      ConfigError: an unknown key or a value of the wrong type, named.
+    """
+    config = copy.deepcopy(config)
+    overrides = dict(overrides)
+    if "model.name" in overrides:
+        name = overrides.pop("model.name")
+        with config.unlocked():
+            switched = name != config.model.get("name")
+            config.model.name = name
+        fill_model_options(config, drop_others=switched)
+    for key, value in overrides.items():
+        *parents, field = key.split(".")
+        node = config
+        for parent in parents:
+            if not isinstance(node, ml_collections.ConfigDict) or parent not in node:
+                raise ConfigError(f"unknown config key {key!r}")
+            node = node[parent]
+        if not isinstance(node, ml_collections.ConfigDict) or field not in node:
+            raise ConfigError(f"unknown config key {key!r}")
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(node[field], float) and isinstance(value, int):
+            value = float(value)
+        try:
+            with node.unlocked():
+                node[field] = value
+        except TypeError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+    return config
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+    """The config a run saved as ``config.json`` (lists back to tuples)."""
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def _tuples(value):
+    if isinstance(value, dict):
+        return {key: _tuples(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def to_json(config: ml_collections.ConfigDict, img_size: Sequence[int]) -> str:
+    """The run's record: ``config`` with the grid read from the data as ``data.img_size``."""
+    resolved = json.loads(config.to_json_best_effort())
+    resolved["data"]["img_size"] = list(img_size)
+    return json.dumps(resolved, indent=2)
+
+
+def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments for ``models.create``: every ``model.*`` key but ``name``."""
+    return {key: _tuples(value) if isinstance(value, list) else value
+            for key, value in config.model.items() if key != "name"}
+
+
+def build_model(config: ml_collections.ConfigDict,
+                img_size: Sequence[int]) -> models.RegistrationNetwork:
+    """``models.create(model.name, img_size, **model_options(config))``."""
+    return models.create(config.model.name, img_size, **model_options(config))
+
+
+def reg_weight(config: ml_collections.ConfigDict) -> float:
+    """The Grad weight of the model loss: ``train.reg_weight``, or the mode's
+    reference value from ``train.reference_reg_weight``."""
+    if config.train.reg_weight is None:
+        return float(config.train.reference_reg_weight[config.train.mode])
+    return float(config.train.reg_weight)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ``ValueError`` naming the first invalid setting.
+
+    Checks every enumerated key (mode, similarities, the inner optimiser, the
+    network and the dataset names, network options) and every count and rate,
+    from the config alone: nothing is read or written.
+    """
+    train = config.train
+
+    def check(ok, key, value, expected):
+        if not ok:
+            raise ValueError(f"invalid config: {key}={value!r}; expected {expected}")
+
+    check(train.mode in MODES, "train.mode", train.mode, f"one of {MODES}")
+    check(train.similarity in SIMILARITIES, "train.similarity", train.similarity,
+          f"one of {SIMILARITIES}")
+    for key, value in [("train.epochs", train.epochs),
+                       ("train.batch_size", train.batch_size),
+                       ("train.log_every", train.log_every)]:
+        check(isinstance(value, int) and value >= 1, key, value, "an integer >= 1")
+    for key, value in [("train.max_steps", train.max_steps),
+                       ("train.eval_every_epochs", train.eval_every_epochs),
+                       ("checkpoint.keep_best", config.checkpoint.keep_best),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps)]:
+        check(isinstance(value, int) and value >= 0, key, value, "an integer >= 0")
+    # NaN passes (NaN < 0 is False): the run then stops at the first non-finite
+    # update, with the same message as any other divergence.
+    for key, value in [("train.learning_rate", train.learning_rate),
+                       ("train.weight_decay", train.weight_decay)]:
+        check(not value < 0, key, value, "a number >= 0")
+    if train.reg_weight is not None:
+        check(not train.reg_weight < 0, "train.reg_weight", train.reg_weight,
+              "a number >= 0 or None")
+    RefineSettings.from_config(config.ofg).validate()
+    Intensity.from_config(config.ofg).validate()
+    name = config.model.get("name")
+    check(name in models.NAMES, "model.name", name, f"one of {models.NAMES}")
+    unknown = sorted(set(config.model) - {"name"} - set(models.options(name)))
+    if unknown:
+        raise ValueError(f"invalid config: model.{unknown[0]} is not an option of "
+                         f"{name}; valid: {', '.join(sorted(models.options(name)))}")
+    check(config.data.get("name") in data_lib.NAMES, "data.name",
+          config.data.get("name"), f"one of {data_lib.NAMES}")

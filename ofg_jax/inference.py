@@ -1,0 +1,158 @@
+"""A trained network: restored from a training workdir, and its prediction.
+
+:func:`load_trained` rebuilds the network of a workdir from its ``config.json``
+(``model.*`` and the grid ``data.img_size``) and restores its variables from
+``checkpoints/<step>``: by default the checkpoint of the best validation Dice
+(``best.step`` in the metadata of the latest checkpoint) when it is still on
+disk, else the latest. It reads only: nothing in the workdir is created or
+removed, so it is safe beside a running training.
+"""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ofg_jax import config as config_lib
+from ofg_jax import data as data_lib
+from ofg_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A network with its variables, and where they came from.
+
+    Attributes:
+      config: the training config (``config.json``).
+      model: the network, built for ``img_size``.
+      variables: the network's variables for ``model.apply`` (``params``, and
+        ``batch_stats`` for networks with BatchNorm).
+      step: the training step of the variables.
+      selection: why that checkpoint: "best validation Dice", "latest", "as
+        requested", or "in memory" (a running training's state).
+      img_size: ``(D, H, W)`` grid of the network, in voxels.
+      workdir: the training workdir.
+    """
+    config: ml_collections.ConfigDict
+    model: models.RegistrationNetwork
+    variables: Any
+    step: int
+    selection: str
+    img_size: tuple[int, int, int]
+    workdir: str = ""
+
+
+def predict(model: models.RegistrationNetwork, variables: Any, moving: jax.Array,
+            fixed: jax.Array) -> jax.Array:
+    """The network's displacement ``(*S, 3)`` (voxels) for one pair of ``(*S)`` images.
+
+    Evaluation mode (no dropout, BatchNorm running statistics). Pure: call it
+    inside ``jax.jit``, or use :func:`predict_jit`.
+    """
+    return model.apply(variables, jnp.stack([moving, fixed], -1)[None], train=False)[0]
+
+
+predict_jit = jax.jit(predict, static_argnums=0)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The training config saved in ``workdir/config.json``.
+
+    Raises:
+      FileNotFoundError: naming the missing workdir or file.
+    """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} not found")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a training workdir "
+            "(python -m ofg_jax.main --workdir=... writes config.json)")
+    return config_lib.from_json(path)
+
+
+def model_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """The network's ``(D, H, W)``: ``data.img_size``, else the training data's grid."""
+    img_size = config.data.get("img_size")
+    if img_size:
+        return tuple(int(n) for n in img_size)
+    try:
+        return tuple(data_lib.create(config.data, config.seed).img_size)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            "config.json has no data.img_size and the grid of the training data "
+            f"could not be read: {e}") from e
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    """An orbax manager that only reads: it creates and deletes nothing."""
+    # Not checkpoint.Checkpoints: that one removes unfinished temporary
+    # directories, which may be the save in progress of a running training.
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(create=False))
+
+
+def select_checkpoint(manager: ocp.CheckpointManager,
+                      step: Optional[int]) -> tuple[int, str]:
+    """The step to restore and why: ``step``, else the best by Dice, else the latest.
+
+    The best is ``meta["best"]["step"]`` of the latest checkpoint (the evaluation
+    with the highest validation Dice) when that checkpoint is still on disk.
+
+    Raises:
+      FileNotFoundError: no checkpoint, or no checkpoint ``step``.
+    """
+    steps = sorted(manager.all_steps())
+    directory = str(manager.directory)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint {step} in {directory}; available steps: {steps}")
+        return step, "as requested"
+    meta = manager.restore(steps[-1], args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+    best = (meta.get("best") or {}).get("step")
+    if best in steps:
+        return best, "best validation Dice"
+    return steps[-1], "latest"
+
+
+def load_trained(workdir: str, step: Optional[int] = None) -> Trained:
+    """Rebuilds the network of a training workdir and restores its variables.
+
+    Only the network's variables are kept (the optimiser state is not needed).
+
+    Args:
+      workdir: a workdir of ``python -m ofg_jax.main``.
+      step: the checkpoint to restore; None = the best by validation Dice if it
+        is on disk, else the latest (see :func:`select_checkpoint`).
+
+    Raises:
+      FileNotFoundError: missing workdir, ``config.json`` or checkpoint (named).
+      ValueError: a config whose model or grid cannot be rebuilt.
+    """
+    config = read_config(workdir)
+    img_size = model_grid(config)
+    model = config_lib.build_model(config, img_size)
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {workdir}: {directory} not found")
+    manager = _read_only_manager(directory)
+    try:
+        step, selection = select_checkpoint(manager, step)
+        state = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore())).state
+    finally:
+        manager.close()
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return Trained(config=config, model=model, variables=variables, step=int(step),
+                   selection=selection, img_size=img_size, workdir=workdir)
+

@@ -1,0 +1,58 @@
+"""NIfTI files (anything nibabel reads): volumes, their grids, and writing results.
+
+Errors name the file: a file nibabel cannot read is a ``ValueError`` with the
+reason, a missing one a ``FileNotFoundError``.
+"""
+
+import nibabel as nib
+import numpy as np
+
+from ofg_jax.volumes import as_image, as_labels, volume_shape
+
+
+def load(path: str, what: str = "NIfTI file") -> nib.spatialimages.SpatialImage:
+    """The nibabel image of ``path`` (header read, voxels not yet)."""
+    try:
+        return nib.load(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} not found") from None
+    except Exception as e:  # nibabel raises many exception types.
+        raise ValueError(f"could not read {what} {path}: {type(e).__name__}: {e}"
+                         ) from e
+
+
+def header_shape(path: str, what: str = "NIfTI file") -> tuple[int, ...]:
+    """The grid of a file from its header alone, singleton channel axes dropped."""
+    return volume_shape(load(path, what).shape)
+
+
+def read_array(path: str, *, labels: bool = False) -> np.ndarray:
+    """The voxels of a file: ``float32`` (scaling applied) or, for labels, as stored."""
+    image = load(path)
+    try:
+        if labels:
+            return np.asanyarray(image.dataobj)
+        return image.get_fdata(dtype=np.float32)
+    except Exception as e:
+        raise ValueError(f"could not read NIfTI file {path}: {type(e).__name__}: {e}"
+                         ) from e
+
+
+def read_volume(path: str, *, labels: bool = False) -> np.ndarray:
+    """The ``(D, H, W)`` voxels of a 3D file, checked: float32, or int32 for labels."""
+    array = read_array(path, labels=labels)
+    return as_labels(array, path) if labels else as_image(array, path)
+
+
+def write_like(path: str, array: np.ndarray, reference_path: str) -> None:
+    """Writes ``array`` as NIfTI with the affine and header of ``reference_path``.
+
+    The data type is that of ``array`` (not the reference's), without scaling and
+    without the reference's display range.
+    """
+    reference = nib.load(reference_path)
+    image = type(reference)(array, reference.affine, reference.header)
+    image.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(None, None)
+    image.header["cal_min"], image.header["cal_max"] = 0, 0
+    nib.save(image, path)
