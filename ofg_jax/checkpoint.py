@@ -8,11 +8,17 @@ previous checkpoint stays usable. Saves are synchronous: the training step
 donates the state's buffers, so nothing may still be reading them afterwards.
 """
 
+import logging
 import os
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+# Orbax warns at every save without metrics when a best-checkpoint metric is
+# tracked; checkpoints between evaluations have none by design.
+logging.getLogger("absl").addFilter(
+    lambda record: "did not provide metrics" not in record.getMessage())
 
 
 class Checkpoints:
@@ -66,11 +72,23 @@ class Checkpoints:
             force=True)
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
-        """Restores checkpoint ``step`` into the structure and shardings of ``target``."""
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                    meta=ocp.args.JsonRestore()))
+        """Restores checkpoint ``step`` into the structure and shardings of ``target``.
+
+        Raises:
+          ValueError: the checkpoint does not fit ``target`` (another network or
+            optimiser); the message names the checkpoint, not both trees.
+        """
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                        meta=ocp.args.JsonRestore()))
+        except Exception as e:  # pylint: disable=broad-except
+            # Orbax reports a mismatch with a dump of both trees (megabytes).
+            reason = " ".join(str(e).split())[:200]
+            raise ValueError(f"checkpoint {step} in {self.directory} does not fit this "
+                             f"config's network and optimiser ({type(e).__name__}: "
+                             f"{reason}...)") from None
         return restored.state, restored.meta
 
     def close(self) -> None:

@@ -1,9 +1,10 @@
 """What the command lines share: one-line errors, exit codes and ``--traceback``.
 
 Expected failures print one line ``error: <message>`` on stderr and exit with
-:data:`EXIT_USAGE` (a bad command line or config) or :data:`EXIT_FAILURE` (bad
-inputs, data, workdir, a diverging run); ``--traceback`` shows the Python
-traceback instead. Anything else is a bug and keeps its traceback.
+:data:`EXIT_USAGE` (a bad command line or config), :data:`EXIT_FAILURE` (bad
+inputs, data, workdir, disk, a diverging run) or :data:`EXIT_INTERRUPTED`;
+``--traceback`` shows the Python traceback instead. Anything else is a bug and
+keeps its traceback.
 """
 
 import sys
@@ -13,11 +14,13 @@ from absl import flags
 
 from ofg_jax.config import ConfigError
 
-EXIT_FAILURE = 1  # Bad inputs, data, workdir or checkpoint; a diverging run.
+EXIT_FAILURE = 1  # Bad inputs, data, workdir, checkpoint or disk; a diverging run.
 EXIT_USAGE = 2  # Bad command line or config.
+EXIT_INTERRUPTED = 130  # SIGINT or SIGTERM (128 + SIGINT, the shell's convention).
 
-# The library's errors for bad inputs, each with a message that names the input.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+# The library's errors for bad inputs and for the file system (missing, not a
+# directory, read-only, full), each with a message that names the input.
+EXPECTED_ERRORS = (ValueError, OSError)
 
 
 class UsageError(Exception):

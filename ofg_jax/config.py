@@ -110,7 +110,12 @@ def _parse(fv: flags.FlagValues, argv: Sequence[str], overrides: Sequence[str],
     except (AttributeError, KeyError) as e:  # ml_collections: no such field.
         raise ConfigError(_unknown_key_message(overrides, e)) from None
     except flags.Error as e:
-        raise ConfigError(" ".join(str(e).split())) from None
+        text = str(e)
+        if "Error whilst parsing config file" in text:  # get_config() raised.
+            reason = [line for line in text.splitlines() if line.strip()][-1]
+            raise ConfigError(f"cannot load config {config_file!r}: {reason.strip()}"
+                              ) from None
+        raise ConfigError(" ".join(text.split())) from None
     except Exception as e:  # pylint: disable=broad-except
         # The config file's own error (a syntax error, a failing get_config()).
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
@@ -205,8 +210,26 @@ def with_overrides(config: ml_collections.ConfigDict,
 
 def from_json(path: str) -> ml_collections.ConfigDict:
     """The config a run saved as ``config.json`` (lists back to tuples)."""
-    with open(path) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
+    content = read_record(path)
+    content.pop(HISTORY, None)
+    return ml_collections.ConfigDict(_tuples(content))
+
+
+def read_record(path: str) -> dict[str, Any]:
+    """The JSON content of a run's ``config.json``, history included.
+
+    Raises:
+      ValueError: naming the file, if it is not a JSON object.
+    """
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); it is a run's record, "
+                         "written by python -m ofg_jax.main") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} does not hold a config (a JSON object)")
+    return content
 
 
 def _tuples(value):
@@ -217,11 +240,68 @@ def _tuples(value):
     return value
 
 
-def to_json(config: ml_collections.ConfigDict, img_size: Sequence[int]) -> str:
-    """The run's record: ``config`` with the grid read from the data as ``data.img_size``."""
+# The key of config.json that lists the changes accepted when a run resumed.
+HISTORY = "history"
+# Keys that only affect logging, evaluation cadence and where a run stops: a
+# resumed run may change them freely.
+FREE_KEYS = ("train.log_every", "train.figures", "train.eval_every_epochs",
+             "train.max_steps", "checkpoint.every_steps", "checkpoint.keep_best")
+# Keys a resumed run may change with --allow_config_change, where continuing is
+# meaningful: more (or fewer) epochs, moved data, another validation subset.
+CHANGEABLE_KEYS = ("train.epochs", "data.root", "data.num_val")
+
+
+def record(config: ml_collections.ConfigDict, img_size: Sequence[int]) -> dict[str, Any]:
+    """The run's record: ``config`` as JSON, with the grid read from the data as
+    ``data.img_size``."""
     resolved = json.loads(config.to_json_best_effort())
     resolved["data"]["img_size"] = list(img_size)
-    return json.dumps(resolved, indent=2)
+    return resolved
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changes(recorded: Mapping[str, Any], new: Mapping[str, Any]
+            ) -> dict[str, tuple[Any, Any]]:
+    """``{key: (recorded value, new value)}`` of two records where they differ.
+
+    Keys the recorded run did not have (it predates them) are not compared.
+    """
+    old = _flatten({k: v for k, v in recorded.items() if k != HISTORY})
+    now = _flatten({k: v for k, v in new.items() if k != HISTORY})
+    return {key: (old[key], now.get(key)) for key in sorted(old)
+            if json.dumps(old[key]) != json.dumps(now.get(key))}
+
+
+def check_resume(recorded: Mapping[str, Any], new: Mapping[str, Any], workdir: str,
+                 allow_change: bool) -> dict[str, tuple[Any, Any]]:
+    """The differences of a resumed run's config from its record, if allowed.
+
+    Raises:
+      ConfigError: one line naming every key that changes the run's meaning
+        (model, data, train, ofg, seed) with both values, and how to proceed.
+    """
+    diff = changes(recorded, new)
+    refused = {k: v for k, v in diff.items() if k not in FREE_KEYS
+               and not (allow_change and k in CHANGEABLE_KEYS)}
+    if refused:
+        listed = "; ".join(f"{key}: {old!r} in the run, {now!r} now"
+                           for key, (old, now) in refused.items())
+        changeable = [k for k in refused if k in CHANGEABLE_KEYS]
+        hint = (f", or pass --allow_config_change to continue with the new "
+                f"{', '.join(changeable)}" if len(changeable) == len(refused) else "")
+        raise ConfigError(
+            f"the run in {workdir} was trained with another config ({listed}); "
+            f"use another --workdir, or the recorded values{hint}")
+    return diff
 
 
 def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -232,8 +312,16 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def build_model(config: ml_collections.ConfigDict,
                 img_size: Sequence[int]) -> models.RegistrationNetwork:
-    """``models.create(model.name, img_size, **model_options(config))``."""
-    return models.create(config.model.name, img_size, **model_options(config))
+    """``models.create(model.name, img_size, **model_options(config))``.
+
+    Raises:
+      ConfigError: the network's options cannot take the grid (named constraint).
+    """
+    try:
+        return models.create(config.model.name, img_size, **model_options(config))
+    except ValueError as e:
+        raise ConfigError(f"model {config.model.name!r} on the grid "
+                          f"{tuple(img_size)}: {e}") from None
 
 
 def reg_weight(config: ml_collections.ConfigDict) -> float:
@@ -245,17 +333,26 @@ def reg_weight(config: ml_collections.ConfigDict) -> float:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ``ValueError`` naming the first invalid setting.
+    """Raises :class:`ConfigError` naming the first invalid setting.
 
     Checks every enumerated key (mode, similarities, the inner optimiser, the
     network and the dataset names, network options) and every count and rate,
     from the config alone: nothing is read or written.
     """
+    try:
+        _validate(config)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
     train = config.train
 
     def check(ok, key, value, expected):
         if not ok:
-            raise ValueError(f"invalid config: {key}={value!r}; expected {expected}")
+            raise ConfigError(f"invalid config: {key}={value!r}; expected {expected}")
 
     check(train.mode in MODES, "train.mode", train.mode, f"one of {MODES}")
     check(train.similarity in SIMILARITIES, "train.similarity", train.similarity,
@@ -283,7 +380,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(name in models.NAMES, "model.name", name, f"one of {models.NAMES}")
     unknown = sorted(set(config.model) - {"name"} - set(models.options(name)))
     if unknown:
-        raise ValueError(f"invalid config: model.{unknown[0]} is not an option of "
+        raise ConfigError(f"invalid config: model.{unknown[0]} is not an option of "
                          f"{name}; valid: {', '.join(sorted(models.options(name)))}")
     check(config.data.get("name") in data_lib.NAMES, "data.name",
           config.data.get("name"), f"one of {data_lib.NAMES}")

@@ -6,10 +6,11 @@
 
 Any config field can be overridden with ``--config.<path>=<value>``. The outputs
 go to ``--workdir`` (default ``./workdir/<config file name>``); re-running with
-the same workdir resumes the run. Expected errors (bad flags, bad config values,
-missing or malformed data, a diverging loss) print one message and exit with a
-non-zero status; ``--traceback`` shows the full Python traceback instead. The
-work itself lives in ``ofg_jax.train``; this module only reads the command line.
+the same workdir resumes the run (with the same config). Expected errors print
+one ``error:`` line and exit with status 2 (command line, config), 1 (data,
+workdir, disk, a diverging loss) or 130 (Ctrl-C or SIGTERM, after writing a
+checkpoint); ``--traceback`` shows the full Python traceback instead. The work
+itself lives in ``ofg_jax.train``; this module only reads the command line.
 """
 
 import logging
@@ -45,6 +46,15 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Number of processes (with --distributed).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index, 0 .. num_processes - 1.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Resume a run although train.epochs, data.root or data.num_val changed (the "
+    "learning rates then follow the new number of epochs from the current one); "
+    "config.json records the change. Other changes are always refused.")
+_FORCE_EVALUATE = flags.DEFINE_bool(
+    "force_evaluate", False,
+    "Evaluate the final checkpoint of a finished run again (re-running a "
+    "finished workdir otherwise changes nothing).")
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "Show the full traceback of expected errors too.")
 
@@ -92,12 +102,19 @@ def main(argv: Sequence[str]) -> None:
     workdir = _WORKDIR.value or os.path.join(
         "workdir", pathlib.Path(config_file.split(":", 1)[0]).stem)
     try:
-        train.train_and_evaluate(_loaded["config"], workdir)
+        train.train_and_evaluate(_loaded["config"], workdir,
+                                 allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                                 force_evaluate=_FORCE_EVALUATE.value)
     except cli.EXPECTED_ERRORS + (train.NonFiniteLossError,) as e:
         if _TRACEBACK.value:
             raise
         cli.print_error(e)
-        sys.exit(cli.EXIT_FAILURE)
+        sys.exit(cli.exit_status(e))
+    except (train.Interrupted, KeyboardInterrupt) as e:
+        if _TRACEBACK.value:
+            raise
+        cli.print_error(e if str(e) else "aborted; the last checkpoint is kept")
+        sys.exit(cli.EXIT_INTERRUPTED)
 
 
 def run() -> None:

@@ -28,12 +28,14 @@ class MetricsLog:
 
     On resume from ``resume_step``, rows and events that the interrupted run
     wrote after that step are dropped, so the files read like one uninterrupted
-    run. With ``write=False`` (the other processes of a multi-host run) nothing
-    is written.
+    run; with ``reevaluate`` the validation row of ``resume_step`` goes too (it
+    is evaluated again). With ``write=False`` (the other processes of a
+    multi-host run) nothing is written.
     """
 
     def __init__(self, workdir: str, steps_per_epoch: int,
-                 resume_step: Optional[int], write: bool = True):
+                 resume_step: Optional[int], write: bool = True,
+                 reevaluate: bool = False):
         self.path = os.path.join(workdir, "metrics.csv")
         self._steps_per_epoch = steps_per_epoch
         self._pending = []  # (step, device metrics), not fetched yet.
@@ -46,7 +48,9 @@ class MetricsLog:
         if resume_step is not None and os.path.exists(self.path):
             with open(self.path, newline="") as f:
                 kept = [row for row in csv.DictReader(f)
-                        if int(row["step"]) <= resume_step]
+                        if int(row["step"]) < resume_step or (
+                            int(row["step"]) == resume_step
+                            and not (reevaluate and row["split"] == "val"))]
         with open(self.path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
@@ -111,6 +115,36 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class Throughput:
+    """Training seconds and steps of this process, for ``summary.json``.
+
+    Excludes the first step (compilation), evaluation and checkpointing.
+    """
+
+    def __init__(self):
+        self.seconds, self.steps, self._clock = 0.0, 0, None
+
+    def step(self, log: MetricsLog, metrics: Any) -> None:
+        if self._clock is None:
+            jax.block_until_ready(metrics)
+            log.restart_clock(skip_pending=True)
+            self._clock = time.perf_counter()
+        else:
+            self.steps += 1
+
+    def pause(self) -> None:
+        if self._clock is not None:
+            self.seconds += time.perf_counter() - self._clock
+
+    def resume(self) -> None:
+        if self._clock is not None:
+            self._clock = time.perf_counter()
+
+    @property
+    def steps_per_second(self) -> Optional[float]:
+        return self.steps / self.seconds if self.steps else None
 
 
 def _round(value) -> float:

@@ -1,22 +1,22 @@
 """The training loop: OFG or unsupervised training of a registration network.
 
-``train_and_evaluate(config, workdir)`` runs a whole experiment: it evaluates the
-untrained network (step 0), trains epoch by epoch with the jitted train step
+``train_and_evaluate(config, workdir)`` runs a whole experiment: it checks the
+config, the workdir and every input file, evaluates the untrained network
+(step 0), trains epoch by epoch with the jitted train step
 (``ofg_jax.train_step``), evaluates after every ``train.eval_every_epochs``
 epochs, and writes ``metrics.csv``, ``eval/step_XXXXXX.csv``, TensorBoard scalars,
 orbax checkpoints and ``summary.json`` into ``workdir``. Re-running with the same
 workdir resumes from the latest checkpoint and continues exactly the sequence of
-an uninterrupted run.
+an uninterrupted run; a finished run is left as it is.
 """
 
 import dataclasses
 import json
 import math
 import os
-import time
+import sys
 from typing import Any, Callable, Optional, Protocol
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -29,10 +29,14 @@ from ofg_jax import evaluation
 from ofg_jax import inference
 from ofg_jax import parallel
 from ofg_jax import registration
+from ofg_jax import workdir as workdir_lib
 from ofg_jax.input_pipeline import Prefetcher
 from ofg_jax.input_pipeline import epoch_batches
+from ofg_jax.interrupt import Interrupted
+from ofg_jax.interrupt import StopRequest
 from ofg_jax.metrics_log import Fetched
 from ofg_jax.metrics_log import MetricsLog
+from ofg_jax.metrics_log import Throughput
 from ofg_jax.train_step import TrainState
 from ofg_jax.train_step import create_train_state
 from ofg_jax.train_step import make_train_step
@@ -69,36 +73,12 @@ class _Run:
     val_pairs: data_lib.PairList
     checkpoints: checkpoint_lib.Checkpoints
     log: MetricsLog
+    stop: StopRequest
 
 
-class _Throughput:
-    """Training seconds and steps of this process, for ``summary.json``.
-
-    Excludes the first step (compilation), evaluation and checkpointing.
-    """
-
-    def __init__(self):
-        self.seconds, self.steps, self._clock = 0.0, 0, None
-
-    def step(self, log: MetricsLog, metrics: Any) -> None:
-        if self._clock is None:
-            jax.block_until_ready(metrics)
-            log.restart_clock(skip_pending=True)
-            self._clock = time.perf_counter()
-        else:
-            self.steps += 1
-
-    def pause(self) -> None:
-        if self._clock is not None:
-            self.seconds += time.perf_counter() - self._clock
-
-    def resume(self) -> None:
-        if self._clock is not None:
-            self._clock = time.perf_counter()
-
-    @property
-    def steps_per_second(self) -> Optional[float]:
-        return self.steps / self.seconds if self.steps else None
+def _say(message: str) -> None:
+    """A line on stderr above the progress bar (never glued onto it)."""
+    tqdm.tqdm.write(message, file=sys.stderr)
 
 
 def _summary(result: evaluation.EvalResult, step: int) -> dict[str, Any]:
@@ -126,8 +106,8 @@ def _evaluate(run: _Run, state: TrainState, step: int,
         evaluation.write_rows(
             os.path.join(run.workdir, "eval", f"step_{step:06d}.csv"), result)
     run.log.write_eval(step, result)
-    logging.info("Step %d: validation Dice %.4f, %.3f%% voxels with det <= 0.",
-                 step, result.dice, result.non_pos_jacobian_pct)
+    _say(f"step {step}: validation Dice {result.dice:.4f}, "
+         f"{result.non_pos_jacobian_pct:.3f}% voxels with det <= 0")
     final = _summary(result, step)
     best = meta["best"]
     if best is None or result.dice > best["dice"]:
@@ -164,7 +144,7 @@ def _flush(log: MetricsLog) -> Optional[float]:
 
 
 def _train_epoch(run: _Run, state: TrainState, step: int, meta: dict[str, Any],
-                 throughput: _Throughput, progress: tqdm.tqdm,
+                 throughput: Throughput, progress: tqdm.tqdm,
                  targets: Optional[Callable[[data_lib.TrainItem], np.ndarray]]
                  ) -> tuple[TrainState, int, dict[str, Any]]:
     """Trains from ``step`` to the end of its epoch (or ``total_steps``)."""
@@ -189,7 +169,7 @@ def _train_epoch(run: _Run, state: TrainState, step: int, meta: dict[str, Any],
             if every and step % every == 0 and step % run.steps_per_epoch:
                 _flush(run.log)  # Never save a state whose update was not finite.
                 meta = _save(run, state, step, meta)
-            if step >= run.total_steps:
+            if step >= run.total_steps or run.stop.signal:
                 break
     finally:
         prefetcher.close()
@@ -217,28 +197,44 @@ def _write_figures(run: _Run, state: TrainState, meta: dict[str, Any]) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       pseudo_labels: Optional[PseudoLabels] = None) -> dict[str, Any]:
+                       pseudo_labels: Optional[PseudoLabels] = None,
+                       allow_config_change: bool = False,
+                       force_evaluate: bool = False) -> dict[str, Any]:
     """Trains and evaluates as configured; returns the content of ``summary.json``.
+
+    Everything is checked before anything is written: the config, the workdir,
+    every training and validation file, the network's grid, and, when the
+    workdir holds a run, that this config is the run's (``config.json``).
 
     Args:
       config: a training config (``configs/*.py``).
-      workdir: the run's folder; an existing run there is resumed.
+      workdir: the run's folder; an existing run there is resumed, a finished
+        one is left as it is.
       pseudo_labels: fixed targets for the "ofg" mode instead of the refined
         predictions (self-training, ``experiments/self_training.py``).
+      allow_config_change: resume although ``config.CHANGEABLE_KEYS`` changed;
+        ``config.json`` then records the change in its history.
+      force_evaluate: evaluate a finished run's final checkpoint again.
 
     Raises:
-      ValueError: for invalid settings or data (the message names them).
-      FileNotFoundError: for missing data.
+      ConfigError: invalid settings, or a resumed run whose config changed.
+      ValueError, OSError: invalid data or workdir (the message names them).
       NonFiniteLossError: if the loss or an update becomes non-finite; the
         checkpoints written before stay as they are.
+      Interrupted: SIGINT or SIGTERM; a checkpoint of the last step was written.
     """
     config = config_lib.complete(config)
     config_lib.validate(config)
+    workdir_lib.check_writable(workdir)
+    recorded = workdir_lib.recorded_config(workdir)
     data = data_lib.create(config.data, config.seed)
     img_size = tuple(data.img_size)
     labels = tuple(int(label) for label in data.labels)
+    record = config_lib.record(config, img_size)
+    changed = {}
+    if recorded is not None:
+        changed = config_lib.check_resume(recorded, record, workdir, allow_config_change)
     model = config_lib.build_model(config, img_size)
-
     batch_size = config.train.batch_size
     mesh = parallel.data_mesh()
     parallel.check_batch_size(batch_size, mesh)
@@ -252,17 +248,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
+    with tqdm.tqdm(total=None, unit="file", desc="checking the data", leave=False,
+                   disable=None) as bar:
+        data.verify(progress=bar.update)
 
+    checkpoints = checkpoint_lib.Checkpoints(
+        os.path.join(workdir, "checkpoints"), config.checkpoint.keep_best)
+    try:
+        resume_step = checkpoints.latest_step()
+        summary_path = os.path.join(workdir, workdir_lib.SUMMARY)
+        if (resume_step is not None and resume_step >= total_steps
+                and os.path.isfile(summary_path) and not force_evaluate):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            _say(f"{workdir} holds a finished run (step {resume_step}); nothing to do "
+                 "(--force_evaluate evaluates its final checkpoint again)")
+            print(format_table({key: summary.get(key) for key in
+                                ("identity", "initial", "final", "best")}))
+            print(workdir_lib.describe(workdir, checkpoints.all_steps()))
+            return summary
+        return _train(config, workdir, data, model, img_size, labels, mesh, chief,
+                      steps_per_epoch, total_steps, checkpoints, resume_step, record,
+                      recorded, changed, pseudo_labels, force_evaluate)
+    finally:
+        checkpoints.close()
+
+
+def _write_record(workdir: str, record: dict[str, Any], recorded: Optional[dict],
+                  changed: dict, step: int) -> None:
+    history = list((recorded or {}).get(config_lib.HISTORY, []))
+    if changed:
+        history.append({"step": step, "changed": {
+            key: {"from": old, "to": new} for key, (old, new) in changed.items()}})
+    if history:
+        record = {**record, config_lib.HISTORY: history}
+    with open(os.path.join(workdir, workdir_lib.CONFIG), "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def _train(config, workdir, data, model, img_size, labels, mesh, chief,
+           steps_per_epoch, total_steps, checkpoints, resume_step, record, recorded,
+           changed, pseudo_labels, force_evaluate) -> dict[str, Any]:
+    """The run itself, once every input is checked (``train_and_evaluate``)."""
     os.makedirs(workdir, exist_ok=True)
     state = parallel.replicate(
         create_train_state(config, model, img_size, steps_per_epoch), mesh)
-    checkpoints = checkpoint_lib.Checkpoints(
-        os.path.join(workdir, "checkpoints"), config.checkpoint.keep_best)
     # Saved with every checkpoint; "initial", "best" and "final" are evaluations.
     meta = {"steps_per_epoch": steps_per_epoch, "step": 0, "epoch": 0,
             "position": 0, "identity": None, "initial": None, "best": None,
             "final": None}
-    resume_step = checkpoints.latest_step()
+    previous_rate = None
     if resume_step is not None:
         state, saved = checkpoints.restore(resume_step, state)
         if saved["steps_per_epoch"] != steps_per_epoch:
@@ -271,68 +306,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"{saved['steps_per_epoch']} steps per epoch, this config gives "
                 f"{steps_per_epoch}; use another --workdir")
         meta.update(saved)
-        logging.info("Resuming from step %d of %s.", resume_step, checkpoints.directory)
-    elif chief:
+        _say(f"resuming from step {resume_step} of {checkpoints.directory}")
+        if force_evaluate and os.path.isfile(os.path.join(workdir, workdir_lib.SUMMARY)):
+            with open(os.path.join(workdir, workdir_lib.SUMMARY)) as f:
+                previous_rate = json.load(f).get("steps_per_second")
+    if chief and (recorded is None or changed):
         # The run's record, and what ``ofg_jax.register`` rebuilds the network from.
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config, img_size))
-    run = _Run(config=config, workdir=workdir, data=data, labels=labels, model=model,
-               img_size=img_size, steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, mesh=mesh, chief=chief,
-               train_step=make_train_step(config, steps_per_epoch, img_size),
-               eval_fn=evaluation.make_model_eval_fn(model, labels),
-               val_pairs=data.val_pairs(), checkpoints=checkpoints,
-               log=MetricsLog(workdir, steps_per_epoch, resume_step, write=chief))
+        _write_record(workdir, record, recorded, changed, resume_step or 0)
+    with StopRequest() as stop:
+        run = _Run(config=config, workdir=workdir, data=data, labels=labels,
+                   model=model, img_size=img_size, steps_per_epoch=steps_per_epoch,
+                   total_steps=total_steps, mesh=mesh, chief=chief,
+                   train_step=make_train_step(config, steps_per_epoch, img_size),
+                   eval_fn=evaluation.make_model_eval_fn(model, labels),
+                   val_pairs=data.val_pairs(), checkpoints=checkpoints,
+                   log=MetricsLog(workdir, steps_per_epoch, resume_step, write=chief,
+                                  reevaluate=force_evaluate),
+                   stop=stop)
+        try:
+            state, step, meta, rate = _loop(run, state, meta, resume_step,
+                                            pseudo_labels, force_evaluate)
+        finally:
+            run.log.close()
+    summary = {
+        "identity": meta["identity"], "initial": meta["initial"],
+        "final": meta["final"], "best": meta["best"], "steps": step,
+        "steps_per_second": rate if rate is not None else previous_rate,
+    }
+    if chief:
+        with open(os.path.join(workdir, workdir_lib.SUMMARY), "w") as f:
+            json.dump(summary, f, indent=2)
+        if config.train.figures:
+            _write_figures(run, state, meta)
+    print(format_table({key: meta[key] for key in ("identity", "initial", "final",
+                                                    "best")}))
+    print(workdir_lib.describe(workdir, checkpoints.all_steps()))
+    return summary
+
+
+def _loop(run: _Run, state: TrainState, meta: dict[str, Any],
+          resume_step: Optional[int], pseudo_labels: Optional[PseudoLabels],
+          force_evaluate: bool) -> tuple[TrainState, int, dict[str, Any], Optional[float]]:
+    """Evaluates, trains and checkpoints until ``total_steps``; returns the final
+    state, step, meta and training steps per second (None without training)."""
     step = int(state.step)
-    throughput = _Throughput()
-    progress = tqdm.tqdm(total=total_steps, initial=step, unit="step",
+    throughput = Throughput()
+    progress = tqdm.tqdm(total=run.total_steps, initial=step, unit="step",
                          dynamic_ncols=True, disable=None)
     try:
         if resume_step is None:
-            identity = evaluation.evaluate(evaluation.make_identity_eval_fn(labels), None,
-                                           run.val_pairs, labels)
+            identity = evaluation.evaluate(evaluation.make_identity_eval_fn(run.labels),
+                                           None, run.val_pairs, run.labels)
             meta["identity"] = _summary(identity, 0)
             dice, meta = _evaluate(run, state, step, meta)
-            meta = _save(run, state, step, meta, dice=dice)
             meta["initial"] = meta["final"]
-        while step < total_steps:
-            targets = (pseudo_labels.for_epoch(state.variables, step // steps_per_epoch)
+            meta = _save(run, state, step, meta, dice=dice)
+        elif force_evaluate and step >= run.total_steps:
+            dice, meta = _evaluate(run, state, step, meta)
+        while step < run.total_steps:
+            if run.stop.signal:
+                raise Interrupted(_interrupted_message(run, step))
+            targets = (pseudo_labels.for_epoch(state.variables,
+                                               step // run.steps_per_epoch)
                        if pseudo_labels else None)
             throughput.resume()
             run.log.restart_clock()
             state, step, meta = _train_epoch(run, state, step, meta, throughput,
                                              progress, targets)
             throughput.pause()
-            epochs_done, mid_epoch = divmod(step, steps_per_epoch)
-            eval_every = config.train.eval_every_epochs
-            if step >= total_steps or (not mid_epoch and eval_every
-                                       and epochs_done % eval_every == 0):
+            epochs_done, mid_epoch = divmod(step, run.steps_per_epoch)
+            eval_every = run.config.train.eval_every_epochs
+            if step >= run.total_steps or (not mid_epoch and eval_every
+                                           and epochs_done % eval_every == 0):
                 dice, meta = _evaluate(run, state, step, meta)
                 meta = _save(run, state, step, meta, dice=dice)
             else:
                 meta = _save(run, state, step, meta)
-        summary = {
-            "identity": meta["identity"], "initial": meta["initial"],
-            "final": meta["final"], "best": meta["best"], "steps": step,
-            "steps_per_second": throughput.steps_per_second,
-        }
-        if chief:
-            with open(os.path.join(workdir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            if config.train.figures:
-                _write_figures(run, state, meta)
     except NonFiniteLossError as e:
-        last = checkpoints.latest_step()
+        last = run.checkpoints.latest_step()
         kept = ("no checkpoint had been written" if last is None else
-                f"the last good checkpoint, step {last} in {checkpoints.directory}, "
+                f"the last good checkpoint, step {last} in {run.checkpoints.directory}, "
                 "is kept")
         raise NonFiniteLossError(
             f"{e}. Training stopped; {kept}. Lower train.learning_rate or check "
             "the data.") from None
     finally:
         progress.close()
-        run.log.close()
-        checkpoints.close()
-    print(format_table({key: meta[key] for key in ("identity", "initial", "final",
-                                                    "best")}))
-    return summary
+    return state, step, meta, throughput.steps_per_second
+
+
+def _interrupted_message(run: _Run, step: int) -> str:
+    return (f"interrupted by {run.stop.signal} at step {step} of {run.total_steps}; "
+            f"checkpoint {run.checkpoints.latest_step()} is in "
+            f"{run.checkpoints.directory}: run the same command again to resume")

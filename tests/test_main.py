@@ -89,20 +89,24 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     assert result.returncode == cli.EXIT_FAILURE
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("error:")
+    assert result.stderr.startswith("error:") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "work").exists()
 
 
-def test_invalid_config_values_exit_non_zero(tmp_path):
-    result = run_cli("--config=configs/demo.py", "--config.train.mode=foo",
-                     f"--workdir={tmp_path}")
-    assert result.returncode == cli.EXIT_FAILURE
-    assert "train.mode='foo'" in result.stderr
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.mode=foo", "train.mode='foo'"),
+    ("--config.model.name=resnet", "resnet"),
+    ("--config.train.epochs=0", "train.epochs=0"),
+    ("--config.ofg.optimizer=adamw", "ofg.optimizer='adamw'"),
+])
+def test_invalid_config_values_exit_2_before_anything_is_written(tmp_path, override,
+                                                                 message):
+    workdir = tmp_path / "work"
+    result = run_cli("--config=configs/demo.py", override, f"--workdir={workdir}")
+    assert result.returncode == cli.EXIT_USAGE
+    assert message in result.stderr and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
-    result = run_cli("--config=configs/demo.py", "--config.model.name=resnet",
-                     f"--workdir={tmp_path}")
-    assert result.returncode == cli.EXIT_FAILURE
-    assert "resnet" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
 
 
 # The command line with ``train.train_and_evaluate`` replaced by a stand-in that
@@ -111,7 +115,7 @@ FAKE_TRAIN = """
 import json, os
 from ofg_jax import main, train
 
-def fake(config, workdir):
+def fake(config, workdir, **options):
     if config.train.mode == "unsupervised":
         raise train.NonFiniteLossError("non-finite training loss at step 3")
     with open(os.environ["RECORD"], "w") as f:

@@ -13,10 +13,12 @@ guarded by a lock.
 
 import abc
 import collections.abc
+import concurrent.futures
 import dataclasses
+import functools
 import os
 import threading
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -217,6 +219,33 @@ class RegistrationData(abc.ABC):
         if self.num_val:
             names = names[:self.num_val]
         return PairList(names, self._load_val_pair)
+
+    def verify(self, progress: Optional[Callable[[int], Any]] = None,
+               workers: int = 4) -> int:
+        """Reads every volume of training and validation once, checking it.
+
+        The loaders' checks apply: readable files, 3D volumes on the dataset's
+        grid, finite intensities, known label codes. Files are read on
+        ``workers`` threads; ``progress(1)`` is called after each.
+
+        Returns:
+          The number of volumes (or pairs) read.
+
+        Raises:
+          FileNotFoundError, ValueError: the first bad file, named.
+        """
+        keys = sorted({key for item in self.train_plan(0)
+                       for key in (item.moving, item.fixed)})
+        jobs = [functools.partial(self._load_image, key) for key in keys]
+        jobs += [functools.partial(self._load_val_pair, i)
+                 for i in range(len(self.val_pairs()))]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for future in concurrent.futures.as_completed(
+                    [pool.submit(job) for job in jobs]):
+                future.result()
+                if progress is not None:
+                    progress(1)
+        return len(jobs)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(name={self.name!r}, img_size={self.img_size}, "

@@ -71,6 +71,11 @@ class Synthetic(RegistrationData):
                             "phantom_seed": "phantom_seed"}),
                    **cls.common_options(config, seed))
 
+    def verify(self, progress=None, workers: int = 4) -> int:
+        """Nothing to read: the volumes are generated."""
+        del progress, workers
+        return 0
+
     def _rng(self, stream: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.phantom_seed, stream, index])
 
