@@ -21,6 +21,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # The grid (D, H, W). None = read from the data (the synthetic data needs it).
     config.data.img_size = config_dict.placeholder(tuple)
+    # The grid's voxel size (mm, per array axis) and orientation (the direction
+    # each array axis runs to, e.g. "RAS": axis 0 to the Right, 1 Anterior, 2
+    # Superior; "LIA" is FreeSurfer's). `ofg_jax.register` resamples scans of any
+    # geometry onto this grid. None = read from the header of the training data's
+    # first image (NIfTI datasets); data without headers must state them.
+    config.data.spacing = config_dict.placeholder(tuple)
+    config.data.orientation = config_dict.placeholder(str)
+    # The reference's subsets: sort the files, random.seed(split_seed),
+    # random.sample(files, n), sort again. 0 = every training subject / every
+    # validation pair (the synthetic data: num_train subjects are generated).
+    config.data.num_train = 0
+    config.data.num_val = 0
+    config.data.split_seed = 42
 
     # Any name known to `ofg_jax.models.create`: voxelmorph, vitvnet, transmorph.
     # The chosen network's options (widths, windows, `diffeomorphic`, `dtype`, ...)
@@ -28,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
     # loaded, so `--config.model.<option>=...` works for each of them.
     config.model = ml_collections.ConfigDict()
     config.model.name = "voxelmorph"
+    # Options of a network that differ from its published defaults for this
+    # dataset, e.g. {"transmorph": {"window_size": (5, 6, 5)}}: they become the
+    # defaults of config.model whenever that network is chosen.
+    config.model_defaults = ml_collections.ConfigDict()
 
     config.train = ml_collections.ConfigDict()
     # "ofg": MSE to the refined field + reg_weight * Grad.
@@ -50,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every_epochs = 1  # 0 = evaluate only at step 0 and the end.
     # PNGs of a registered validation pair and the curves in <workdir>/figures.
     config.train.figures = True
+    # Rematerialise the network's stages in the backward pass (nn.remat): keeps
+    # only each stage's inputs between the forward and the backward pass, so the
+    # train step needs less memory and runs each stage's forward pass twice. The
+    # same losses and gradients (experiments/RESULTS.md: memory and time).
+    config.train.remat = False
 
     # The inner optimisation that produces each pair's training target.
     config.ofg = ml_collections.ConfigDict()

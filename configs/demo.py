@@ -22,10 +22,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = "synthetic"
     config.data.root = ""  # Generated in memory; nothing is read.
     config.data.img_size = (32, 32, 32)
+    # The phantom has no header: its axes run left -> right, posterior ->
+    # anterior, inferior -> superior, and it fills its grid, so 6 mm voxels make
+    # the 32^3 demo grid a 192 mm head-sized box (`register` resamples scans so).
+    config.data.spacing = (6.0, 6.0, 6.0)
+    config.data.orientation = "RAS"
     config.data.num_train = 32
     config.data.num_val = 4
     config.data.augment = False
     config.data.val_subjects = 4
+    config.data.test_subjects = 4  # The held-out pairs of python -m ofg_jax.evaluate.
     config.data.phantom_seed = 0  # The anatomy and every subject; `seed` only orders.
     # The subject transformations, in half-box units (1 = half the grid).
     config.data.warp_rms = 0.05  # The smooth local deformation: ~1 voxel here.

@@ -16,6 +16,12 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data.name = "ixi"
     config.data.root = "data/IXI_data"
-    config.data.num_val = 0  # 0 = every validation subject (20 in the paper).
+    # The .pkl files have no header: 1 mm voxels in FreeSurfer's LIA layout (axis 0
+    # to the Left, 1 Inferior, 2 Anterior), read off the labels' positions.
+    config.data.spacing = (1.0, 1.0, 1.0)
+    config.data.orientation = "LIA"
+    # The reference's subsets of Train/ and Val/ (the paper: 200 and 20).
+    config.data.num_train = 200
+    config.data.num_val = 20
     config.data.augment = True  # The same random flip of each axis on both images.
     return config

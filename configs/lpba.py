@@ -16,8 +16,18 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data.name = "lpba"
     config.data.root = "data/LPBA40"
+    # None: the voxel size and orientation are read from the atlas's NIfTI header.
+    config.data.spacing = None
+    config.data.orientation = None
     config.data.num_val = 0  # 0 = every validation subject (9 in the paper).
-    config.data.augment = True  # The same random flip of each axis on both images.
+    # The reference's loader builds a random flip but never applies it, and reads
+    # raw intensities: augment=True and normalize=True (min-max to [0, 1]) are
+    # options beyond the paper's protocol.
+    config.data.augment = False
+    config.data.normalize = False
+    # The reference's TransMorph window for this grid (46,745,907 parameters).
+    config.model_defaults.transmorph = ml_collections.ConfigDict(
+        {"window_size": (5, 6, 5)})
     # 30 training subjects: the paper suggests weight decay 0.02 for data sets this
     # small (--config.train.weight_decay=0.02); the reference code trains without.
     return config

@@ -17,6 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.data.name = "oasis"
     config.data.root = "data/OASIS"
-    config.data.num_val = 0  # 0 = every validation pair (19 in the paper).
+    # The .pkl files have no header: 1 mm voxels in FreeSurfer's LIA layout (axis 0
+    # to the Left, 1 Inferior, 2 Anterior), read off the labels' positions.
+    config.data.spacing = (1.0, 1.0, 1.0)
+    config.data.orientation = "LIA"
+    # The reference's subset of Train/ (200) and every Learn2Reg validation pair (19).
+    config.data.num_train = 200
+    config.data.num_val = 0
     config.data.augment = False
     return config

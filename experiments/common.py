@@ -159,6 +159,8 @@ def make_record(run: Run, directory: str, summary: dict[str, Any]) -> dict[str, 
         "eval_csv": os.path.join(directory, "eval", f"step_{summary['steps']:06d}.csv"),
         "dice": summary["final"]["dice"],
         "non_pos_jacobian_pct": summary["final"]["non_pos_jacobian_pct"],
+        "sdlogj": summary["final"].get("sdlogj"),
+        "best_dice": (summary.get("best") or {}).get("dice"),
         "identity_dice": summary["identity"]["dice"],
         "seconds_per_step": 1.0 / sps if sps else None,
     }
@@ -277,6 +279,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 # Columns of the common table: (metric, header, digits).
 DICE = ("dice", "Dice", 3)
+SDLOGJ = ("sdlogj", "SDlogJ", 3)
 JACOBIAN = ("non_pos_jacobian_pct", "% det J ≤ 0", 3)
 SECONDS_PER_STEP = ("seconds_per_step", "s / train step", 3)
 

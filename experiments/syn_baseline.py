@@ -100,7 +100,8 @@ def ants_register_fn(type_of_transform: str = "SyN", syn_metric: str = "mattes",
 
 
 def evaluate_registration(register: RegisterFn, pairs: Sequence[Any],
-                          labels: Sequence[int], seed: int = 0):
+                          labels: Sequence[int], seed: int = 0,
+                          dice_over: str = "labels"):
     """``(EvalResult, seconds per pair)`` of ``register`` on ``pairs``."""
     import jax
     import jax.numpy as jnp
@@ -117,10 +118,11 @@ def evaluate_registration(register: RegisterFn, pairs: Sequence[Any],
         if disp.shape != tuple(pair.moving.shape) + (pair.moving.ndim,):
             raise ValueError(f"registration of {pair.name} returned a field of shape "
                              f"{disp.shape} for images of shape {pair.moving.shape}")
-        dice, folding = jax.device_get(metrics_fn(
+        metrics = jax.device_get(metrics_fn(
             jnp.asarray(disp), jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
-        rows.append(evaluation.pair_row(pair.name, dice, folding, labels))
+        rows.append(evaluation.pair_row(pair.name, metrics, labels,
+                                        dice_over=dice_over))
     return evaluation.EvalResult.from_rows(rows), float(np.mean(seconds))
 
 
@@ -142,14 +144,15 @@ def main(argv: Optional[Sequence[str]] = None,
     data = data_lib.create(base.data, base.seed)
     pairs, labels = data.val_pairs(), tuple(int(l) for l in data.labels)
     identity = evaluation.evaluate(evaluation.make_identity_eval_fn(labels), None,
-                                   pairs, labels)
+                                   pairs, labels, dice_over=data.dice_over)
     records = [{"label": "identity", "seed": 0, "dice": identity.dice,
                 "non_pos_jacobian_pct": identity.non_pos_jacobian_pct,
                 "seconds_per_pair": 0.0}]
     label = f"ANTs {args.type_of_transform} ({args.syn_metric})"
     for seed in range(args.seeds):
         common.log(f"[{label} seed {seed}] registering {len(pairs)} pairs")
-        result, seconds = evaluate_registration(register, pairs, labels, seed)
+        result, seconds = evaluate_registration(register, pairs, labels, seed,
+                                                data.dice_over)
         csv_path = os.path.join(args.workdir, NAME, f"seed{seed}.csv")
         evaluation.write_rows(csv_path, result)
         records.append({"label": label, "seed": seed, "dice": result.dice,

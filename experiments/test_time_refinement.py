@@ -28,12 +28,15 @@ NAME = "test_time_refinement"
 
 
 def make_register_fn(trained, steps: int, from_zero: bool):
-    """Jitted ``(moving, fixed) -> disp``: the network (or zero) + ``steps`` steps of
-    the run's inner optimiser at its initial learning rate."""
+    """Jitted ``(moving, fixed) -> disp``: the network (``inference.registration_fn``)
+    or a zero field, then ``steps`` steps of the run's inner optimiser at its
+    initial learning rate."""
+    if not from_zero:
+        from ofg_jax import inference
+        return inference.registration_fn(trained, steps)
     import dataclasses
     import jax
     import jax.numpy as jnp
-    from ofg_jax.inference import predict
     from ofg_jax.refiner import RefineSettings, make_refiner
 
     settings = dataclasses.replace(RefineSettings.from_config(trained.config.ofg),
@@ -41,19 +44,14 @@ def make_register_fn(trained, steps: int, from_zero: bool):
     refiner = make_refiner(settings, trained.img_size)
 
     @jax.jit
-    def register(variables, moving, fixed):
-        if from_zero:
-            disp = jnp.zeros(moving.shape + (moving.ndim,), jnp.float32)
-        else:
-            disp = predict(trained.model, variables, moving, fixed)
-        if steps:
-            disp = refiner(moving, fixed, disp, settings.learning_rate)
-        return disp
+    def register(moving, fixed):
+        disp = jnp.zeros(moving.shape + (moving.ndim,), jnp.float32)
+        return refiner(moving, fixed, disp, settings.learning_rate)
 
-    return lambda moving, fixed: register(trained.variables, moving, fixed)
+    return register
 
 
-def evaluate_method(register, pairs, labels):
+def evaluate_method(register, pairs, labels, dice_over="labels"):
     """Per-pair scores (``EvalResult``) and the mean seconds per pair (after one
     warm-up call)."""
     import jax
@@ -70,10 +68,11 @@ def evaluate_method(register, pairs, labels):
         start = time.perf_counter()
         disp = jax.block_until_ready(register(moving, fixed))
         seconds.append(time.perf_counter() - start)
-        dice, folding = jax.device_get(metrics_fn(
+        metrics = jax.device_get(metrics_fn(
             disp, jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
-        rows.append(evaluation.pair_row(pair.name, dice, folding, labels))
+        rows.append(evaluation.pair_row(pair.name, metrics, labels,
+                                        dice_over=dice_over))
     return evaluation.EvalResult.from_rows(rows), float(np.mean(seconds))
 
 
@@ -104,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for label, steps, from_zero in methods:
             common.log(f"[seed {seed}] {label}")
             result, seconds = evaluate_method(
-                make_register_fn(network, steps, from_zero), pairs, labels)
+                make_register_fn(network, steps, from_zero), pairs, labels,
+                data.dice_over)
             slug = label.split(" (")[0].replace(" + ", "_").replace(" ", "_")
             csv_path = os.path.join(args.workdir, NAME, f"seed{seed}", f"{slug}.csv")
             evaluation.write_rows(csv_path, result)

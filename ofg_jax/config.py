@@ -15,7 +15,7 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import flags
 import ml_collections
@@ -65,10 +65,9 @@ def load(config_file: Optional[str] = None,
     model_options = [o for o in overrides
                      if o.startswith("model.") and not o.startswith("model.name=")]
     others = [o for o in overrides if not o.startswith("model.")]
-    fv = flags.FlagValues()
     argv = ["ofg_jax", f"--config={config_file}"] + [f"--config.{o}" for o in others]
-    config_flags.DEFINE_config_file("config", None, flag_values=fv, sys_argv=argv)
-    config = _parse(fv, argv, others, config_file)
+    config = _parse(lambda fv: config_flags.DEFINE_config_file(
+        "config", None, flag_values=fv, sys_argv=argv), argv, others, config_file)
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file {path!r}: get_config() must return an "
                           f"ml_collections.ConfigDict, got {type(config).__name__}")
@@ -77,11 +76,11 @@ def load(config_file: Optional[str] = None,
     else:
         fill_model_options(config)
     if model_options:
-        fv = flags.FlagValues()
         argv = ["ofg_jax"] + [f"--config.{o}" for o in model_options]
-        config_flags.DEFINE_config_dict("config", config, flag_values=fv, sys_argv=argv)
+        define = lambda fv: config_flags.DEFINE_config_dict(
+            "config", config, flag_values=fv, sys_argv=argv)
         try:
-            config = _parse(fv, argv, model_options, config_file)
+            config = _parse(define, argv, model_options, config_file)
         except ConfigError as e:
             if not str(e).startswith("unknown config key"):
                 raise
@@ -99,10 +98,13 @@ def _make_config_folder_importable(path: str) -> None:
         sys.path.insert(0, str(folder.parent))
 
 
-def _parse(fv: flags.FlagValues, argv: Sequence[str], overrides: Sequence[str],
-           config_file: str) -> ml_collections.ConfigDict:
-    """Parses ``argv`` into ``fv``'s config flag; config errors as :class:`ConfigError`."""
+def _parse(define: Callable[[flags.FlagValues], Any], argv: Sequence[str],
+           overrides: Sequence[str], config_file: str) -> ml_collections.ConfigDict:
+    """Defines the config flag on fresh flags (``define(fv)``) and parses ``argv``
+    into it; config errors as :class:`ConfigError`."""
     try:
+        fv = flags.FlagValues()
+        define(fv)
         fv(list(argv))
         config = fv["config"].value
         if not isinstance(config, ml_collections.ConfigDict):
@@ -139,7 +141,8 @@ def _unknown_key_message(overrides: Sequence[str], error: Exception) -> str:
 
 def fill_model_options(config: ml_collections.ConfigDict, drop_others: bool = False
                        ) -> None:
-    """Adds the options of ``model.name`` that ``config.model`` lacks, with defaults.
+    """Adds the options of ``model.name`` that ``config.model`` lacks, with defaults:
+    the dataset's (``config.model_defaults[model.name]``), else the network's.
 
     With ``drop_others``, keys that are not options of ``model.name`` (those of
     another network, when the command line switches networks) are removed. An
@@ -149,6 +152,8 @@ def fill_model_options(config: ml_collections.ConfigDict, drop_others: bool = Fa
         options = models.options(config.model.name)
     except ValueError:
         return
+    dataset_defaults = config.get("model_defaults") or {}
+    options.update(dataset_defaults.get(config.model.name) or {})
     with config.unlocked():
         if drop_others:
             for key in [k for k in config.model if k != "name" and k not in options]:

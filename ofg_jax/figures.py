@@ -216,3 +216,28 @@ def plot_training_curves(path: str, metrics_csv: str, title: str = "") -> str:
             ax.text(0.5, 0.5, "no rows yet", ha="center", transform=ax.transAxes)
     return _save(fig, path)
 
+
+
+def plot_dice_per_structure(path: str, dice: dict[Any, Sequence[float]],
+                            title: str = "") -> str:
+    """A box plot of the Dice of each label over pairs (the paper's figure).
+
+    Args:
+      path: the PNG to write.
+      dice: ``{label: [Dice of each pair]}``, in the order to draw.
+      title: above the plot.
+    """
+    fig = Figure(figsize=(max(6.0, 0.3 * len(dice) + 2.0), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.boxplot([np.asarray(values, np.float64) for values in dice.values()],
+               showfliers=True)
+    ax.set_xticks(np.arange(1, len(dice) + 1))
+    ax.set_xticklabels([str(label) for label in dice], rotation=90, fontsize=7)
+    ax.set_xlabel("label")
+    ax.set_ylabel("Dice per pair")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

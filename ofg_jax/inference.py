@@ -10,7 +10,7 @@ removed, so it is safe beside a running training.
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 from ofg_jax import config as config_lib
 from ofg_jax import data as data_lib
 from ofg_jax import models
+from ofg_jax.refiner import RefineSettings
+from ofg_jax.refiner import make_refiner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +61,35 @@ def predict(model: models.RegistrationNetwork, variables: Any, moving: jax.Array
 predict_jit = jax.jit(predict, static_argnums=0)
 
 
+def registration_fn(trained: "Trained", refine_steps: int = 0
+                    ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Jitted ``(moving, fixed) -> disp`` of ``trained``: its prediction, refined
+    by ``refine_steps`` steps of the run's inner optimiser (test-time OFG, at the
+    learning rate of epoch 0).
+
+    Raises:
+      ValueError: refinement of a run whose inner optimiser trains network
+        weights (``ofg.design="network"``), or ``refine_steps < 0``.
+    """
+    settings = RefineSettings.from_config(trained.config.ofg)
+    if refine_steps < 0:
+        raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
+    if refine_steps and settings.design != "instance":
+        raise ValueError(
+            f"test-time refinement optimises the field itself; this run was trained "
+            f"with ofg.design={settings.design!r}, whose ofg.learning_rate is meant for "
+            "network weights")
+    settings = dataclasses.replace(settings, steps=int(refine_steps))
+    refiner = make_refiner(settings, trained.img_size) if refine_steps else None
+
+    @jax.jit
+    def register(variables, moving, fixed):
+        disp = predict(trained.model, variables, moving, fixed)
+        return refiner(moving, fixed, disp, settings.learning_rate) if refiner else disp
+
+    return lambda moving, fixed: register(trained.variables, moving, fixed)
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     """The training config saved in ``workdir/config.json``.
 
@@ -96,12 +127,17 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
         directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
-def select_checkpoint(manager: ocp.CheckpointManager,
-                      step: Optional[int]) -> tuple[int, str]:
-    """The step to restore and why: ``step``, else the best by Dice, else the latest.
+# ``load_trained(step=...)``: a step, the best by validation Dice, or the latest.
+Selection = Union[int, str, None]
 
-    The best is ``meta["best"]["step"]`` of the latest checkpoint (the evaluation
-    with the highest validation Dice) when that checkpoint is still on disk.
+
+def select_checkpoint(manager: ocp.CheckpointManager,
+                      step: Selection) -> tuple[int, str]:
+    """The step to restore and why.
+
+    ``step`` is a step number, ``"latest"``, or ``"best"`` / None: the best by
+    validation Dice (``meta["best"]["step"]`` of the latest checkpoint) when that
+    checkpoint is still on disk, else the latest.
 
     Raises:
       FileNotFoundError: no checkpoint, or no checkpoint ``step``.
@@ -110,11 +146,13 @@ def select_checkpoint(manager: ocp.CheckpointManager,
     directory = str(manager.directory)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
-    if step is not None:
-        if step not in steps:
+    if step == "latest":
+        return steps[-1], "latest"
+    if step not in (None, "best"):
+        if int(step) not in steps:
             raise FileNotFoundError(
                 f"no checkpoint {step} in {directory}; available steps: {steps}")
-        return step, "as requested"
+        return int(step), "as requested"
     meta = manager.restore(steps[-1], args=ocp.args.Composite(
         meta=ocp.args.JsonRestore())).meta
     best = (meta.get("best") or {}).get("step")
@@ -123,15 +161,16 @@ def select_checkpoint(manager: ocp.CheckpointManager,
     return steps[-1], "latest"
 
 
-def load_trained(workdir: str, step: Optional[int] = None) -> Trained:
+def load_trained(workdir: str, step: Selection = None) -> Trained:
     """Rebuilds the network of a training workdir and restores its variables.
 
     Only the network's variables are kept (the optimiser state is not needed).
 
     Args:
       workdir: a workdir of ``python -m ofg_jax.main``.
-      step: the checkpoint to restore; None = the best by validation Dice if it
-        is on disk, else the latest (see :func:`select_checkpoint`).
+      step: the checkpoint to restore: a step, ``"latest"``, or ``"best"`` / None
+        (the best by validation Dice if it is on disk, else the latest; see
+        :func:`select_checkpoint`).
 
     Raises:
       FileNotFoundError: missing workdir, ``config.json`` or checkpoint (named).

@@ -16,8 +16,8 @@ import numpy as np
 
 from ofg_jax.evaluation import EvalResult
 
-COLUMNS = ("step", "epoch", "split", "loss", "dice", "non_pos_jacobian_pct", "lr",
-           "ofg_lr", "steps_per_s")
+COLUMNS = ("step", "epoch", "split", "loss", "dice", "non_pos_jacobian_pct", "sdlogj",
+           "lr", "ofg_lr", "steps_per_s")
 
 # (step, metrics of that step as Python floats)
 Fetched = list[tuple[int, dict[str, float]]]
@@ -98,7 +98,8 @@ class MetricsLog:
 
     def write_eval(self, step: int, result: EvalResult) -> None:
         self._write({"step": step, "split": "val", "dice": result.dice,
-                     "non_pos_jacobian_pct": result.non_pos_jacobian_pct})
+                     "non_pos_jacobian_pct": result.non_pos_jacobian_pct,
+                     "sdlogj": result.sdlogj})
 
     def _write(self, row: dict[str, Any]) -> None:
         if self._tb is None:

@@ -81,18 +81,15 @@ def _say(message: str) -> None:
     tqdm.tqdm.write(message, file=sys.stderr)
 
 
-def _summary(result: evaluation.EvalResult, step: int) -> dict[str, Any]:
-    return {"dice": result.dice, "non_pos_jacobian_pct": result.non_pos_jacobian_pct,
-            "step": step}
-
-
 def format_table(rows: dict[str, Optional[dict[str, Any]]]) -> str:
-    """A small text table of Dice and folding, one line per evaluated model."""
-    lines = [f"{'':10s} {'Dice':>8s} {'% det<=0':>9s} {'step':>7s}"]
+    """A small text table of Dice, folding and SDlogJ, one line per evaluation."""
+    lines = [f"{'':10s} {'Dice':>8s} {'% det<=0':>9s} {'SDlogJ':>8s} {'step':>7s}"]
     for name, metrics in rows.items():
         if metrics:
+            sdlogj = metrics.get("sdlogj")
             lines.append(f"{name:10s} {metrics['dice']:8.4f} "
                          f"{metrics['non_pos_jacobian_pct']:9.3f} "
+                         f"{'-' if sdlogj is None else f'{sdlogj:.4f}':>8s} "
                          f"{metrics['step']:>7}")
     return "\n".join(lines)
 
@@ -101,14 +98,15 @@ def _evaluate(run: _Run, state: TrainState, step: int,
               meta: dict[str, Any]) -> tuple[float, dict[str, Any]]:
     """Validates ``state`` at ``step``; writes the rows; returns (Dice, new meta)."""
     result = evaluation.evaluate(run.eval_fn, state.variables, run.val_pairs,
-                                 run.labels)
+                                 run.labels, dice_over=run.data.dice_over)
     if run.chief:
         evaluation.write_rows(
             os.path.join(run.workdir, "eval", f"step_{step:06d}.csv"), result)
     run.log.write_eval(step, result)
     _say(f"step {step}: validation Dice {result.dice:.4f}, "
-         f"{result.non_pos_jacobian_pct:.3f}% voxels with det <= 0")
-    final = _summary(result, step)
+         f"{result.non_pos_jacobian_pct:.3f}% voxels with det <= 0, "
+         f"SDlogJ {result.sdlogj:.4f}")
+    final = result.summary(step)
     best = meta["best"]
     if best is None or result.dice > best["dice"]:
         best = final
@@ -313,6 +311,9 @@ def _train(config, workdir, data, model, img_size, labels, mesh, chief,
     if chief and (recorded is None or changed):
         # The run's record, and what ``ofg_jax.register`` rebuilds the network from.
         _write_record(workdir, record, recorded, changed, resume_step or 0)
+    if chief:
+        with open(os.path.join(workdir, workdir_lib.SPLITS), "w") as f:
+            json.dump(data.split_files(), f, indent=2)
     with StopRequest() as stop:
         run = _Run(config=config, workdir=workdir, data=data, labels=labels,
                    model=model, img_size=img_size, steps_per_epoch=steps_per_epoch,
@@ -356,8 +357,9 @@ def _loop(run: _Run, state: TrainState, meta: dict[str, Any],
     try:
         if resume_step is None:
             identity = evaluation.evaluate(evaluation.make_identity_eval_fn(run.labels),
-                                           None, run.val_pairs, run.labels)
-            meta["identity"] = _summary(identity, 0)
+                                           None, run.val_pairs, run.labels,
+                                           dice_over=run.data.dice_over)
+            meta["identity"] = identity.summary(0)
             dice, meta = _evaluate(run, state, step, meta)
             meta["initial"] = meta["final"]
             meta = _save(run, state, step, meta, dice=dice)

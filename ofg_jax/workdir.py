@@ -1,8 +1,8 @@
 """A training workdir: checked before anything is written, described at the end.
 
 A workdir holds one run: ``config.json`` (its config, with the history of the
-changes accepted on resume), ``checkpoints/``, ``metrics.csv``, ``eval/``,
-``tensorboard/``, ``summary.json`` and ``figures/``. A run started in a workdir
+changes accepted on resume), ``splits.json``, ``checkpoints/``, ``metrics.csv``,
+``eval/``, ``tensorboard/``, ``summary.json`` and ``figures/``. A run started in a workdir
 that already holds one resumes it, and only with the same config
 (``ofg_jax.config.check_resume``).
 """
@@ -14,6 +14,7 @@ from ofg_jax import config as config_lib
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
+SPLITS = "splits.json"  # The files of the train, val and test splits.
 
 
 def check_writable(workdir: str) -> None:
@@ -55,7 +56,7 @@ def recorded_config(workdir: str) -> Optional[dict[str, Any]]:
 def describe(workdir: str, checkpoint_steps: list[int]) -> str:
     """One line saying where the run's outputs are."""
     names = [name for name in (SUMMARY, "metrics.csv", "eval/", "tensorboard/",
-                               "figures/", CONFIG)
+                               "figures/", CONFIG, SPLITS)
              if os.path.exists(os.path.join(workdir, name.rstrip("/")))]
     steps = ", ".join(str(s) for s in checkpoint_steps)
     return (f"outputs in {os.path.abspath(workdir)}: {', '.join(names)}, "

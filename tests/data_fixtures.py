@@ -35,11 +35,12 @@ def codes(rng: np.random.Generator, table, shape=SHAPE, dtype=np.int16) -> np.nd
 
 
 def write_ixi(root: str, rng: np.random.Generator, num_train: int = 6, num_val: int = 3,
-              shape=SHAPE) -> dict:
+              shape=SHAPE, num_test: int = 0) -> dict:
     """TransMorph IXI layout; segmentations hold FreeSurfer codes (float, as released)."""
     volumes = {}
     names = (["atlas.pkl"] + [f"Train/subject_{i}.pkl" for i in range(num_train)]
-             + [f"Val/subject_{100 + i}.pkl" for i in range(num_val)])
+             + [f"Val/subject_{100 + i}.pkl" for i in range(num_val)]
+             + [f"Test/subject_{200 + i}.pkl" for i in range(num_test)])
     for name in names:
         volumes[name] = (image(rng, shape), codes(rng, IXI_CODES, shape, np.float32))
         write_pkl(os.path.join(root, name), *volumes[name])
@@ -108,3 +109,11 @@ def write_abdomen(root: str, rng: np.random.Generator, num: int = 6, val_ids=(5,
     with open(os.path.join(root, "AbdomenCTCT_dataset.json"), "w") as f:
         json.dump(content, f)
     return volumes
+
+
+def read_ixi_pair(root: str, name: str) -> tuple:
+    """``(image, labels as IXI table indices)`` of a file written by ``write_ixi``."""
+    with open(os.path.join(root, name), "rb") as f:
+        image, seg = pickle.load(f)
+    index = {code: i for i, code in enumerate(IXI_CODES)}
+    return image, np.vectorize(index.get)(seg.astype(int))

@@ -79,3 +79,19 @@ def np_dice(a, b, labels):
     """Dice ``2|A∩B| / (|A| + |B| + 1e-5)`` of each label."""
     return np.array([2.0 * np.sum((a == l) & (b == l))
                      / (np.sum(a == l) + np.sum(b == l) + 1e-5) for l in labels])
+
+
+def np_sdlogj(disp):
+    """Learn2Reg's SDlogJ, as its evaluation code computes it: the Jacobian by
+    ``scipy.ndimage.correlate`` with ``[-0.5, 0, 0.5]`` (zero padding), cropped by
+    2 voxels, then ``std(log(clip(det + 3, 1e-9, 1e9)))``."""
+    from scipy import ndimage
+    disp = np.moveaxis(np.asarray(disp, np.float64), -1, 0)  # (3, H, W, D)
+    kernels = [np.array([-0.5, 0.0, 0.5]).reshape(shape)
+               for shape in ((3, 1, 1), (1, 3, 1), (1, 1, 3))]
+    grad = np.stack([np.stack([ndimage.correlate(disp[c], k, mode="constant", cval=0.0)
+                               for c in range(3)]) for k in kernels])  # [axis][comp]
+    jac = grad.transpose(1, 0, 2, 3, 4) + np.eye(3).reshape(3, 3, 1, 1, 1)
+    jac = jac[:, :, 2:-2, 2:-2, 2:-2]
+    det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    return np.log(np.clip(det + 3, 1e-9, 1e9)).std()

@@ -1,8 +1,10 @@
 """Datasets: layouts, label mapping, plans, flips, bad input and the synthetic phantom."""
 
 import concurrent.futures
+import json
 import os
 import pickle
+import random
 
 import ml_collections
 import numpy as np
@@ -102,11 +104,26 @@ def test_flips_are_applied_identically_to_both_images(tmp_path):
     assert all(item.flip == (False, False, False) for item in no_aug.train_plan(0))
 
 
-def test_num_val_limits_pairs(tmp_path):
-    fx.write_ixi(str(tmp_path), np.random.default_rng(3), num_val=4)
-    assert len(data.create(config(name="ixi", root=str(tmp_path)), 0).val_pairs()) == 4
-    pairs = data.create(config(name="ixi", root=str(tmp_path), num_val=2), 0).val_pairs()
-    assert len(pairs) == 2 and pairs.names == ("subject_100", "subject_101")
+def test_num_val_and_num_train_select_the_reference_subsets(tmp_path):
+    fx.write_ixi(str(tmp_path), np.random.default_rng(3), num_train=9, num_val=7)
+    assert len(data.create(config(name="ixi", root=str(tmp_path)), 0).val_pairs()) == 7
+    ds = data.create(config(name="ixi", root=str(tmp_path), num_val=3, num_train=4), 0)
+    # The reference: sort the paths, random.seed(42); random.sample(paths, n); sort.
+    val = sorted(str(tmp_path / "Val" / f"subject_{100 + i}.pkl") for i in range(7))
+    want_val = sorted(random.Random(42).sample(val, 3))
+    assert ds.val_pairs().names == tuple(os.path.basename(p)[:-4] for p in want_val)
+    train = sorted(str(tmp_path / "Train" / f"subject_{i}.pkl") for i in range(9))
+    want_train = sorted(random.Random(42).sample(train, 4))
+    assert sorted(i.fixed for i in ds.train_plan(0)) == [
+        os.path.relpath(p, tmp_path) for p in want_train]
+    assert want_train != sorted(train)[:4]  # A real draw, not the first four.
+    other = data.create(config(name="ixi", root=str(tmp_path), num_val=3, split_seed=7), 0)
+    assert other.val_pairs().names != ds.val_pairs().names
+    assert ds.split_files() == {
+        "train": ["atlas.pkl"] + [os.path.relpath(p, tmp_path) for p in want_train],
+        "val": [os.path.relpath(p, tmp_path) for p in want_val], "test": []}
+    more = data.create(config(name="ixi", root=str(tmp_path), num_train=50), 0)
+    assert len(more.train_plan(0)) == 9  # Fewer files than asked: all of them.
     with pytest.raises(ValueError, match="num_val"):
         data.create(config(name="ixi", root=str(tmp_path), num_val=-1), 0)
 
@@ -226,13 +243,15 @@ def test_oasis_bad_val_file(tmp_path):
 
 # --- LPBA40 ---------------------------------------------------------------------------
 
-def test_lpba_subject_to_atlas(tmp_path):
+@pytest.mark.parametrize("normalize", [False, True])
+def test_lpba_subject_to_atlas(tmp_path, normalize):
     written = fx.write_lpba(str(tmp_path), np.random.default_rng(10))
-    ds = data.create(config(name="lpba", root=str(tmp_path), augment=True), seed=1)
+    ds = data.create(config(name="lpba", root=str(tmp_path), augment=True,
+                            normalize=normalize), seed=1)
     assert len(ds.labels) == 54 and ds.img_size == fx.SHAPE
 
-    def scaled(x):
-        return (x - x.min()) / (x.max() - x.min())
+    def scaled(x):  # The reference reads raw intensities; min-max is the option.
+        return (x - x.min()) / (x.max() - x.min()) if normalize else x
 
     plan = ds.train_plan(0)
     assert {i.fixed for i in plan} == {"atlas"} and len(plan) == 3
@@ -241,14 +260,15 @@ def test_lpba_subject_to_atlas(tmp_path):
     axes = tuple(k for k in range(3) if item.flip[k])
     sample = ds.load_train(item)
     np.testing.assert_allclose(sample["moving"], np.flip(scaled(written[sid][0]), axes),
-                               atol=1e-6)
+                               rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(sample["fixed"], np.flip(scaled(written["S01"][0]), axes),
-                               atol=1e-6)
+                               rtol=1e-6, atol=1e-6)
     pairs = ds.val_pairs()
     assert pairs.names == ("S05", "S06")
     pair = pairs[1]
     check_pair_types(pair, fx.SHAPE)
-    np.testing.assert_allclose(pair.moving, scaled(written["S06"][0]), atol=1e-6)
+    np.testing.assert_allclose(pair.moving, scaled(written["S06"][0]), rtol=1e-6,
+                               atol=1e-6)
     np.testing.assert_array_equal(pair.moving_seg, written["S06"][1])
     np.testing.assert_array_equal(pair.fixed_seg, written["S01"][1])
 
@@ -295,13 +315,16 @@ def test_abdomen_pairs_from_learn2reg_json(tmp_path):
     assert ds.labels == tuple(range(1, 14)) and ds.img_size == fx.SHAPE
     plan = ds.train_plan(0)
     train_names = {f"imagesTr/{fx.abdomen_name(i)}" for i in range(1, 5)}
-    assert sorted(i.moving for i in plan) == sorted(train_names)  # val images 5, 6 left out
+    # Each subject with a random partner, both directions (val images 5, 6 left out).
+    assert len(plan) == 8 and sorted(i.moving for i in plan[::2]) == sorted(train_names)
+    for forward, backward in zip(plan[::2], plan[1::2]):
+        assert (backward.moving, backward.fixed) == (forward.fixed, forward.moving)
     assert all(i.fixed in train_names and i.fixed != i.moving for i in plan)
     sample = ds.load_train(plan[0])
     index = int(os.path.basename(plan[0].moving).split("_")[1])
     np.testing.assert_allclose(sample["moving"], written[index][0] / 500.0, rtol=1e-6)
     pairs = ds.val_pairs()
-    assert len(pairs) == 2
+    assert len(pairs) == 2 and pairs.names == ("0005_0006", "0006_0005")  # fixed_moving
     check_pair_types(pairs[0], fx.SHAPE)
     np.testing.assert_allclose(pairs[0].moving, written[6][0] / 500.0, rtol=1e-6)
     np.testing.assert_allclose(pairs[0].fixed, written[5][0] / 500.0, rtol=1e-6)
@@ -320,8 +343,32 @@ def test_abdomen_training_paired_images_and_custom_json(tmp_path):
     os.rename(tmp_path / "AbdomenCTCT_dataset.json", moved)
     ds = data.create(config(name="abdomen_ct", root=str(tmp_path), pairs_json=str(moved)), 0)
     pairs = {(i.moving, i.fixed) for i in ds.train_plan(0)}
-    assert pairs == {(f"imagesTr/{fx.abdomen_name(2)}", f"imagesTr/{fx.abdomen_name(1)}"),
-                     (f"imagesTr/{fx.abdomen_name(4)}", f"imagesTr/{fx.abdomen_name(3)}")}
+    one_way = {(f"imagesTr/{fx.abdomen_name(2)}", f"imagesTr/{fx.abdomen_name(1)}"),
+               (f"imagesTr/{fx.abdomen_name(4)}", f"imagesTr/{fx.abdomen_name(3)}")}
+    assert pairs == one_way | {(f, m) for m, f in one_way}  # Both directions.
+    with pytest.raises(FileNotFoundError, match="no test split"):
+        ds.test_pairs()
+
+
+def test_abdomen_reference_pairs_files(tmp_path):
+    written = fx.write_abdomen(str(tmp_path), np.random.default_rng(16))
+    (tmp_path / "pairs_train.json").write_text(json.dumps({"pairs": [[1, 2], [3, 4]]}))
+    (tmp_path / "pairs_test.json").write_text(json.dumps({"pairs": [[5, 6]]}))
+    ds = data.create(config(name="abdomen_ct", root=str(tmp_path),
+                            pairs_json=str(tmp_path / "pairs_train.json"),
+                            test_pairs_json=str(tmp_path / "pairs_test.json")), 0)
+    plan = [(os.path.basename(i.moving), os.path.basename(i.fixed))
+            for i in ds.train_plan(0)]
+    name = fx.abdomen_name
+    assert sorted(plan) == sorted([(name(1), name(2)), (name(2), name(1)),
+                                   (name(3), name(4)), (name(4), name(3))])
+    # The reference validates on the test pairs: moving i, fixed j, named fixed_moving.
+    for pairs in (ds.val_pairs(), ds.test_pairs()):
+        assert pairs.names == ("0006_0005",)
+        np.testing.assert_allclose(pairs[0].moving, written[5][0] / 500.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="test_pairs_json"):
+        data.create(config(name="abdomen_ct", root=str(tmp_path),
+                           pairs_json=str(tmp_path / "pairs_train.json")), 0)
 
 
 def test_abdomen_bad_json(tmp_path):

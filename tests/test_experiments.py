@@ -219,8 +219,9 @@ def test_syn_baseline_metrics_with_a_fake_registration(workdir):
     from ofg_jax import data as data_lib
     data = data_lib.create(config.data, 0)
     pair = data.val_pairs()[0]
-    dice, folding = evaluation.pair_metrics(jnp.asarray(known), pair.moving_seg,
-                                          pair.fixed_seg, data.labels)
+    metrics = evaluation.pair_metrics(jnp.asarray(known), pair.moving_seg,
+                                      pair.fixed_seg, data.labels)
+    dice, folding = metrics["dice"], metrics["non_pos_jacobian_pct"]
     syn = [r for r in result["records"] if r["label"].startswith("ANTs")]
     assert len(syn) == 2
     for record in syn:

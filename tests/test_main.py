@@ -37,17 +37,20 @@ def test_configs_hold_the_reference_hyper_parameters(name):
     assert config.model.name == "voxelmorph"
     assert config.train.mode == "ofg"
     assert config.train.reg_weight is None  # = 0.02 in OFG mode.
-    assert config.ofg.reg_weight == 1.0
     assert config.ofg.optimizer == "amsgrad"
     if name == "demo":
+        assert config.ofg.reg_weight == 1.0
         return
     assert config.data.name == name
     assert config.train.epochs == 500
     assert config.train.batch_size == 1
     assert config.train.learning_rate == 1e-4
     assert config.ofg.learning_rate == 0.1
-    expected = ("mse", 3) if name == "abdomen_ct" else ("ncc", 10)
-    assert (config.ofg.similarity, config.ofg.steps) == expected
+    # Abdomen CT: the reference's MSE-energy code, MSE + 0.02 Grad, 3 steps.
+    expected = ("mse", 3, 0.02) if name == "abdomen_ct" else ("ncc", 10, 1.0)
+    assert (config.ofg.similarity, config.ofg.steps, config.ofg.reg_weight) == expected
+    assert (config.data.num_train, config.data.num_val) == {
+        "ixi": (200, 20), "oasis": (200, 0)}.get(name, (0, 0))
 
 
 def test_without_config_the_demo_is_used():

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import strategies as st
 
 from ofg_jax import dice_per_label, grad_loss, jacobian_determinant, non_positive_jacobian_pct
-from tests.references import np_dice, np_grad_loss, np_jacobian_determinant
+from ofg_jax.metrics import hd95, sdlogj
+from tests.references import np_dice, np_grad_loss, np_jacobian_determinant, np_sdlogj
 
 SHAPES = [(9, 11), (6, 7, 8)]
 
@@ -83,3 +84,45 @@ def test_dice_bad_input():
         dice_per_label(jnp.zeros((4, 4)), jnp.zeros((4, 5)), [1])
     with pytest.raises(ValueError, match="labels"):
         dice_per_label(jnp.zeros((4, 4)), jnp.zeros((4, 4)), [])
+
+
+def test_sdlogj_is_learn2regs_definition():
+    rng = np.random.default_rng(3)
+    shape = (12, 10, 14)
+    from scipy import ndimage
+    disp = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 1.5) * 4
+                     for _ in range(3)], -1).astype(np.float32)
+    want = np_sdlogj(disp)
+    assert want > 0.05  # A field with real variation: a real check.
+    np.testing.assert_allclose(sdlogj(disp), want, rtol=1e-4)
+    np.testing.assert_allclose(jax.jit(sdlogj)(disp), want, rtol=1e-4)
+    # The identity: log(1 + 3) everywhere inside the crop.
+    assert float(sdlogj(np.zeros(shape + (3,), np.float32))) == pytest.approx(0, abs=1e-5)
+    with pytest.raises(ValueError, match="larger than 4"):
+        sdlogj(np.zeros((4, 10, 10, 3), np.float32))
+
+
+def test_hd95_is_the_mean_of_surface_distance_over_labels_in_both_maps():
+    surface = pytest.importorskip("surface_distance")
+    rng = np.random.default_rng(4)
+    from scipy import ndimage
+    shape = (20, 18, 16)
+    smooth = ndimage.gaussian_filter(rng.normal(size=shape), 2)
+    fixed = np.digitize(smooth, np.quantile(smooth, [0.3, 0.6, 0.8]))
+    warped = np.digitize(np.roll(smooth, 2, axis=0) + 0.1 * rng.normal(size=shape),
+                         np.quantile(smooth, [0.3, 0.6, 0.8]))
+    warped[warped == 3] = 2  # Label 3 only in the fixed map: skipped.
+    want = np.mean([surface.compute_robust_hausdorff(surface.compute_surface_distances(
+        fixed == l, warped == l, (1.0, 1.0, 1.0)), 95) for l in (1, 2)])
+    assert want > 0.5
+    assert hd95(fixed, warped, [1, 2, 3, 7]) == pytest.approx(want, rel=1e-4)
+    assert np.isnan(hd95(fixed, warped, [7]))
+
+
+def test_hd95_of_a_translated_cube_is_the_translation():
+    cube = np.zeros((24, 24, 24), np.int32)
+    cube[6:16, 6:16, 6:16] = 1
+    for shift in (1, 3):
+        assert hd95(cube, np.roll(cube, shift, axis=1), [1]) == pytest.approx(shift)
+        assert hd95(cube, np.roll(cube, shift, axis=1), [1],
+                    spacing=(1.0, 2.0, 1.0)) == pytest.approx(2 * shift)

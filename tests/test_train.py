@@ -312,7 +312,12 @@ def check_outputs(workdir, summary, num_labels):
                                summary["final"]["dice"], rtol=1e-6)
     scalars = tensorboard_scalars(workdir)
     assert {"train/loss", "train/lr", "train/ofg_lr", "val/dice",
-            "val/non_pos_jacobian_pct"} <= set(scalars)
+            "val/non_pos_jacobian_pct", "val/sdlogj"} <= set(scalars)
+    assert scalars["val/sdlogj"][summary["steps"]] == pytest.approx(
+        summary["final"]["sdlogj"], rel=1e-6)
+    with open(os.path.join(workdir, "splits.json")) as f:
+        splits = json.load(f)
+    assert set(splits) == {"train", "val", "test"} and splits["train"] and splits["val"]
     assert scalars["val/dice"][summary["steps"]] == pytest.approx(
         summary["final"]["dice"], rel=1e-6)
     for row in read_metrics(workdir):

@@ -16,7 +16,9 @@ import collections.abc
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import os
+import random
 import threading
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -116,6 +118,19 @@ def read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return arrays
 
 
+def reference_subset(items: Sequence[str], n: int, seed: int, what: str) -> list[str]:
+    """The reference's subset of ``n`` items: ``random.seed(seed)`` and
+    ``random.sample(sorted(items), n)``, sorted again; all items when ``n`` is 0
+    or not smaller than their number (logged when fewer than ``n``)."""
+    items = sorted(items)
+    if n == 0 or n >= len(items):
+        if n > len(items):
+            logging.info("%s: %d asked for, %d available: using all", what, n,
+                         len(items))
+        return items
+    return sorted(random.Random(seed).sample(items, n))
+
+
 def data_root(config: Any, what: str) -> str:
     """``data.root`` with ``~`` expanded; a ``ValueError`` if it is not set."""
     root = config.get("root") or ""
@@ -134,13 +149,17 @@ class RegistrationData(abc.ABC):
       name: dataset name (``"ixi"``, ``"synthetic"``, ...).
       img_size: ``(D, H, W)`` grid of every volume.
       labels: label values whose Dice is averaged in validation.
+      dice_over: how a pair's Dice averages the labels
+        (``ofg_jax.evaluation.DICE_OVER``): the reference's definition for the
+        dataset.
     """
 
     name: str
     img_size: tuple[int, int, int]
     labels: tuple[int, ...]
+    dice_over: str = "labels"
 
-    def __init__(self, *, seed: int, augment: bool, num_val: int):
+    def __init__(self, *, seed: int, augment: bool, num_val: int, split_seed: int = 42):
         if int(num_val) < 0:
             raise ValueError(f"data.num_val must be >= 0 (0 = all pairs), got {num_val}")
         if int(seed) < 0:
@@ -148,15 +167,26 @@ class RegistrationData(abc.ABC):
         self.seed = int(seed)
         self.augment = bool(augment)
         self.num_val = int(num_val)
+        self.split_seed = int(split_seed)
         self._cache_lock = threading.Lock()
         self._cache = {}
 
     @staticmethod
     def common_options(config: Any, seed: int) -> dict[str, Any]:
         """The constructor arguments every dataset takes: ``seed``, ``augment``,
-        ``num_val`` (``data.*`` keys; absent = off / all)."""
+        ``num_val``, ``split_seed`` (``data.*`` keys; absent = off / all / 42)."""
+        split_seed = config.get("split_seed")
         return dict(seed=int(seed), augment=bool(config.get("augment") or False),
-                    num_val=int(config.get("num_val") or 0))
+                    num_val=int(config.get("num_val") or 0),
+                    split_seed=42 if split_seed is None else int(split_seed))
+
+    @staticmethod
+    def num_train(config: Any) -> int:
+        """``data.num_train``: training subjects to use, 0 (or absent) = all."""
+        n = int(config.get("num_train") or 0)
+        if n < 0:
+            raise ValueError(f"data.num_train must be >= 0 (0 = all), got {n}")
+        return n
 
     # --- what a dataset implements -------------------------------------------------
 
@@ -180,6 +210,19 @@ class RegistrationData(abc.ABC):
     @abc.abstractmethod
     def _load_val_pair(self, index: int) -> Pair:
         """Validation pair ``index`` of :meth:`_val_names`."""
+
+    @abc.abstractmethod
+    def test_pairs(self) -> PairList:
+        """The held-out pairs of the evaluation command.
+
+        Raises:
+          FileNotFoundError: the dataset has no test split (named).
+        """
+
+    @abc.abstractmethod
+    def split_files(self) -> dict[str, list[str]]:
+        """``{"train", "val", "test"}``: the files (relative to ``data.root``) of
+        the subjects or pairs each split uses; ``test`` is empty without one."""
 
     # --- the public interface ------------------------------------------------------
 
@@ -210,15 +253,17 @@ class RegistrationData(abc.ABC):
         return {"moving": apply_flip(moving, item.flip), "fixed": apply_flip(fixed, item.flip)}
 
     def val_pairs(self) -> PairList:
-        """The validation pairs (the first ``num_val``, or all when it is 0).
+        """The validation pairs: the reference's subset of ``num_val`` of them
+        (:func:`reference_subset` of the names), or all when it is 0.
 
         Returned as a :class:`PairList`: a sequence that reads each pair from disk
         when it is indexed or iterated, so the whole set is never held in memory.
         """
         names = self._val_names()
-        if self.num_val:
-            names = names[:self.num_val]
-        return PairList(names, self._load_val_pair)
+        chosen = reference_subset(names, self.num_val, self.split_seed,
+                                  f"{self.name} validation pairs")
+        index = {name: i for i, name in enumerate(names)}
+        return PairList(chosen, lambda i: self._load_val_pair(index[chosen[i]]))
 
     def verify(self, progress: Optional[Callable[[int], Any]] = None,
                workers: int = 4) -> int:

@@ -5,14 +5,15 @@ import os
 import numpy as np
 
 from ofg_jax.data import readers
-from ofg_jax.data.base import Pair, RegistrationData, check_grid, data_root, read_only
+from ofg_jax.data.base import (Pair, PairList, RegistrationData, check_grid, data_root,
+                               read_only, reference_subset)
 from ofg_jax.volumes import as_image, as_labels
 
 LAYOUT = """\
   ROOT/atlas.pkl        (image, seg), the moving image of every pair
   ROOT/Train/*.pkl      (image, seg) per training subject (the fixed images)
   ROOT/Val/*.pkl        (image, seg) per validation subject
-  ROOT/Test/            optional, not used"""
+  ROOT/Test/*.pkl       (image, seg) per test subject (python -m ofg_jax.evaluate)"""
 
 # FreeSurfer label codes of the IXI segmentations; a code's index in this table is
 # the label used for Dice.
@@ -37,7 +38,13 @@ def freesurfer_to_index(seg: np.ndarray, path: str) -> np.ndarray:
 
 
 class IXI(RegistrationData):
-    """Atlas (moving) -> subject (fixed). Each training subject once per epoch, shuffled."""
+    """Atlas (moving) -> subject (fixed). Each training subject once per epoch, shuffled.
+
+    The reference's subsets: ``num_train`` of the sorted ``Train/*.pkl`` and
+    ``num_val`` of the sorted ``Val/*.pkl``, each ``random.Random(split_seed)
+    .sample``-d and sorted again (the paper: 200 and 20); the test split is
+    every ``Test/*.pkl``.
+    """
 
     name = "ixi"
     labels = LABELS
@@ -45,17 +52,19 @@ class IXI(RegistrationData):
     @classmethod
     def from_config(cls, config, seed):
         return cls(data_root(config, "IXI"), img_size=config.get("img_size"),
-                   **cls.common_options(config, seed))
+                   num_train=cls.num_train(config), **cls.common_options(config, seed))
 
     def __init__(self, root: str, *, seed: int, augment: bool, num_val: int,
-                 img_size=None):
-        super().__init__(seed=seed, augment=augment, num_val=num_val)
+                 num_train: int = 0, split_seed: int = 42, img_size=None):
+        super().__init__(seed=seed, augment=augment, num_val=num_val,
+                         split_seed=split_seed)
         readers.require_dir(root, "IXI data root", LAYOUT)
         self.root = root
         self.atlas_path = readers.require_file(os.path.join(root, "atlas.pkl"), "IXI atlas",
                                                LAYOUT)
-        self.train_paths = readers.list_files(os.path.join(root, "Train"), ".pkl",
-                                              "IXI Train", LAYOUT)
+        self.train_paths = reference_subset(
+            readers.list_files(os.path.join(root, "Train"), ".pkl", "IXI Train", LAYOUT),
+            num_train, split_seed, "IXI training subjects")
         self.val_paths = readers.list_files(os.path.join(root, "Val"), ".pkl", "IXI Val",
                                             LAYOUT)
         atlas, _ = self._atlas()
@@ -98,6 +107,27 @@ class IXI(RegistrationData):
         return [os.path.splitext(os.path.basename(p))[0] for p in self.val_paths]
 
     def _load_val_pair(self, index):
+        return self._atlas_pair(self.val_paths[index])
+
+    def _atlas_pair(self, path: str) -> Pair:
         atlas, atlas_seg = self._atlas()
-        image, seg = self._read_subject(self.val_paths[index])
-        return Pair(self._val_names()[index], atlas, image, atlas_seg, seg)
+        image, seg = self._read_subject(path)
+        return Pair(os.path.splitext(os.path.basename(path))[0], atlas, image, atlas_seg,
+                    seg)
+
+    def _test_paths(self) -> list[str]:
+        return readers.list_files(os.path.join(self.root, "Test"), ".pkl", "IXI Test",
+                                  LAYOUT)
+
+    def test_pairs(self):
+        paths = self._test_paths()
+        return PairList([os.path.splitext(os.path.basename(p))[0] for p in paths],
+                        lambda i: self._atlas_pair(paths[i]))
+
+    def split_files(self):
+        val = {os.path.splitext(os.path.basename(p))[0]: p for p in self.val_paths}
+        test = (self._test_paths() if os.path.isdir(os.path.join(self.root, "Test"))
+                else [])
+        return {"train": ["atlas.pkl"] + [self._key(p) for p in self.train_paths],
+                "val": [self._key(val[name]) for name in self.val_pairs().names],
+                "test": [self._key(p) for p in test]}

@@ -142,20 +142,30 @@ class SwinBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, size, deterministic: bool):
-        """``x``: ``(B, D*H*W, dim)`` tokens of a ``size = (D, H, W)`` grid."""
+        """``x``: ``(B, D*H*W, dim)`` tokens of a ``size = (D, H, W)`` grid.
+
+        As the reference, a grid that the window does not tile is zero-padded at
+        the end of each axis after the first LayerNorm (the padding takes part in
+        the attention), and cropped back after it.
+        """
         b, length, c = x.shape
         # As the reference: the shift applies only if it is non-zero on every axis.
         shifted = min(self.shift) > 0
+        padded = tuple(-(-n // w) * w for n, w in zip(size, self.window))
         h = nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm1")(x).reshape(b, *size, c)
+        if padded != tuple(size):
+            h = jnp.pad(h, [(0, 0)] + [(0, p - n) for p, n in zip(padded, size)]
+                        + [(0, 0)])
         if shifted:
             h = jnp.roll(h, [-s for s in self.shift], axis=(1, 2, 3))
-        mask = shifted_window_mask(size, self.window, self.shift) if shifted else None
+        mask = shifted_window_mask(padded, self.window, self.shift) if shifted else None
         h = WindowAttention(c, tuple(self.window), self.num_heads, self.qkv_bias,
                             self.attn_drop_rate, self.drop_rate, self.dtype, name="attn")(
             window_partition(h, self.window), mask, deterministic)
-        h = window_reverse(h, self.window, size)
+        h = window_reverse(h, self.window, padded)
         if shifted:
             h = jnp.roll(h, list(self.shift), axis=(1, 2, 3))
+        h = h[:, :size[0], :size[1], :size[2]]
         drop_path = DropPath(self.drop_path_rate)
         x = x + drop_path(h.reshape(b, length, c), deterministic)
 
@@ -248,9 +258,10 @@ class TransMorph(RegistrationNetwork):
 
     Attributes (besides those of ``RegistrationNetwork``):
       img_size: ``(D, H, W)``; each axis divisible by 32 (4^3 patches, then 3
-        patch mergings), and every stage's grid (``img_size / 4 / 2**i``)
-        divisible by ``window_size``. For small volumes pass a smaller window,
-        e.g. ``window_size=(2, 2, 2)`` at 64^3 or ``(3, 3, 3)`` at 96^3.
+        patch mergings). A stage grid (``img_size / 4 / 2**i``) that
+        ``window_size`` does not tile is zero-padded to a multiple of it, as the
+        reference does; small grids run faster with smaller windows, e.g.
+        ``window_size=(2, 2, 2)`` at 64^3.
       embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
       drop_rate, attn_drop_rate, drop_path_rate, reg_head_chan: the architecture
         (defaults: the published configuration).
@@ -291,12 +302,6 @@ class TransMorph(RegistrationNetwork):
             raise ValueError(f"TransMorph: embed_dim must be even, got {self.embed_dim}")
         check_divisible("TransMorph", self.img_size, PATCH_SIZE * 8,
                         f"{PATCH_SIZE}^3 patches, then 3 patch mergings")
-        for i, size in enumerate(self.stage_sizes()):
-            if any(n % w for n, w in zip(size, window)):
-                raise ValueError(
-                    f"TransMorph: window_size {window} does not tile the stage-{i} grid "
-                    f"{size} (img_size {tuple(self.img_size)} / {PATCH_SIZE * 2 ** i});"
-                    f" every stage grid must be divisible by the window")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
