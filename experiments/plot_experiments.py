@@ -8,6 +8,8 @@ For every JSON given:
   the experiment took them);
 - ``test_time_refinement.json``: Dice against refinement steps, and Dice against
   seconds per pair, for "network + k steps" and "zero field + n steps";
+- ``ofg_vs_unsupervised.json``: the validation Dice of every run against the
+  epoch, both training modes and all seeds in one figure (a panel per network);
 - every experiment whose records name per-pair evaluation CSVs (``eval_csv``):
   a box plot of per-pair Dice per label, one box per setting (pairs of all seeds
   pooled).
@@ -77,6 +79,38 @@ def plot_inner_steps(result, out):
     ax.legend()
     paths.append(_save(fig, out, "inner_steps_dice_vs_time.png"))
     return paths
+
+
+def validation_curve(workdir):
+    """``(epochs, Dice)`` of the validation rows of a run's ``metrics.csv``."""
+    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    return (np.asarray([float(r["epoch"]) for r in rows]),
+            np.asarray([float(r["dice"]) for r in rows]))
+
+
+def plot_validation_curves(result, out, name="ofg_vs_unsupervised_curves.png"):
+    records = [r for r in result["records"]
+               if os.path.exists(os.path.join(r["workdir"], "metrics.csv"))]
+    models = list(dict.fromkeys(r["label"].split("/")[0] for r in records))
+    if not models:
+        return []
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8),
+                             squeeze=False)
+    colors = {"ofg": "tab:blue", "unsupervised": "tab:orange"}
+    for ax, model in zip(axes[0], models):
+        for record in records:
+            label_model, mode = record["label"].split("/")
+            if label_model != model:
+                continue
+            epochs, dice = validation_curve(record["workdir"])
+            ax.plot(epochs, dice, color=colors.get(mode, "gray"), alpha=0.8, lw=1.2,
+                    ls="-" if mode == "ofg" else "--",
+                    label=f"{mode}, seed {record['seed']}")
+        ax.set(xlabel="epoch", ylabel="validation Dice", title=model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    return [_save(fig, out, name)]
 
 
 def plot_test_time(result, out):
@@ -167,6 +201,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[str]:
             paths += plot_inner_steps(result, args.out)
         if result.get("experiment") == "test_time_refinement":
             paths += plot_test_time(result, args.out)
+        if result.get("experiment") == "ofg_vs_unsupervised":
+            paths += plot_validation_curves(
+                result, args.out, f"{os.path.splitext(os.path.basename(path))[0]}"
+                                  "_curves.png")
         paths += plot_boxes(result, args.out)
     for path in paths:
         print(path)

@@ -69,9 +69,18 @@ def test_ofg_vs_unsupervised(workdir, capsys):
     ofg_vs_unsupervised.main(argv(workdir, "--models", "voxelmorph"))
     result = check_outputs(workdir, "ofg_vs_unsupervised",
                            ["voxelmorph/unsupervised", "voxelmorph/ofg"],
-                           ("dice", "non_pos_jacobian_pct", "seconds_per_step"))
+                           ("dice", "best_dice", "non_pos_jacobian_pct", "sdlogj",
+                            "seconds_per_step"))
     assert "| voxelmorph | 16x16x16 | 1 |" in result["table"]
     assert result["table"] in capsys.readouterr().out
+    # The paired comparison: OFG minus unsupervised of the same seed.
+    by_mode = {r["label"]: r for r in result["records"]}
+    diff = by_mode["voxelmorph/ofg"]["dice"] - by_mode["voxelmorph/unsupervised"]["dice"]
+    assert f"| voxelmorph | final Dice | {diff:+.3f} |" in result["notes"]
+    paths = plot_experiments.main([os.path.join(workdir, "ofg_vs_unsupervised.json"),
+                                   "--out", os.path.join(workdir, "plots")])
+    assert os.path.basename(paths[0]) == "ofg_vs_unsupervised_curves.png"
+    assert os.path.getsize(paths[0]) > 0
 
 
 def test_small_transformer_overrides_fit_the_architectures():
