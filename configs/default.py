@@ -34,6 +34,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.num_train = 0
     config.data.num_val = 0
     config.data.split_seed = 42
+    # 2 = train at half resolution: the network, and the inner optimisation, on
+    # block means of the images; evaluation at full resolution (the displacement
+    # upsampled), so the metrics compare with full-resolution runs.
+    config.data.downsample = 1
 
     # Any name known to `ofg_jax.models.create`: voxelmorph, vitvnet, transmorph.
     # The chosen network's options (widths, windows, `diffeomorphic`, `dtype`, ...)

@@ -122,7 +122,8 @@ def evaluate_split(workdir: str, *, split: str = "test", checkpoint: Any = "best
     data = data_lib.create(trained.config.data, trained.config.seed)
     if tuple(data.img_size) != tuple(trained.img_size):
         raise ValueError(f"the {split} split of {data.name} is on the grid "
-                         f"{tuple(data.img_size)}, the network's is {trained.img_size}")
+                         f"{tuple(data.full_size)}, the network's is {trained.img_size} "
+                         f"(data.downsample={trained.downsample})")
     pairs = data.test_pairs() if split == "test" else data.val_pairs()
     if not len(pairs):
         raise ValueError(f"the {split} split of {data.name} holds no pair")

@@ -113,17 +113,20 @@ def pair_metrics(disp: jax.Array, moving_seg: jax.Array, fixed_seg: jax.Array,
             "sdlogj": sdlogj(disp)}
 
 
-def make_model_eval_fn(model, labels: Sequence[int]) -> PairMetricsFn:
+def make_model_eval_fn(model, labels: Sequence[int], downsample: int = 1
+                       ) -> PairMetricsFn:
     """Returns ``fn(variables, moving, fixed, moving_seg, fixed_seg) -> pair_metrics``.
 
-    Images and label maps are unbatched ``(*S)``; the model runs with ``train=False``.
-    The function is jitted once for the dataset's shape.
+    Images and label maps are unbatched ``(*S)``; the model runs with ``train=False``
+    (at ``1 / downsample`` resolution, its displacement upsampled: see
+    ``ofg_jax.inference.predict``). The function is jitted once for the
+    dataset's shape.
     """
     labels = tuple(int(label) for label in labels)
 
     @jax.jit
     def eval_fn(variables, moving, fixed, moving_seg, fixed_seg):
-        disp = predict(model, variables, moving, fixed)
+        disp = predict(model, variables, moving, fixed, downsample)
         return pair_metrics(disp, moving_seg, fixed_seg, labels)
 
     return eval_fn

@@ -22,6 +22,8 @@ from ofg_jax import data as data_lib
 from ofg_jax import models
 from ofg_jax.refiner import RefineSettings
 from ofg_jax.refiner import make_refiner
+from ofg_jax.resolution import block_mean
+from ofg_jax.resolution import upsample_displacement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Trained:
         requested", or "in memory" (a running training's state).
       img_size: ``(D, H, W)`` grid of the network, in voxels.
       workdir: the training workdir.
+      downsample: the network's resolution factor (``data.downsample``): it
+        registers images of ``downsample * img_size``.
     """
     config: ml_collections.ConfigDict
     model: models.RegistrationNetwork
@@ -46,26 +50,33 @@ class Trained:
     selection: str
     img_size: tuple[int, int, int]
     workdir: str = ""
+    downsample: int = 1
 
 
 def predict(model: models.RegistrationNetwork, variables: Any, moving: jax.Array,
-            fixed: jax.Array) -> jax.Array:
+            fixed: jax.Array, downsample: int = 1) -> jax.Array:
     """The network's displacement ``(*S, 3)`` (voxels) for one pair of ``(*S)`` images.
 
-    Evaluation mode (no dropout, BatchNorm running statistics). Pure: call it
-    inside ``jax.jit``, or use :func:`predict_jit`.
+    Evaluation mode (no dropout, BatchNorm running statistics). A network trained
+    at ``1 / downsample`` resolution (``data.downsample``) sees the block means
+    of the images, and its displacement is upsampled to ``(*S, 3)`` in full
+    voxels (``ofg_jax.resolution``). Pure: call it inside ``jax.jit``, or use
+    :func:`predict_jit`.
     """
-    return model.apply(variables, jnp.stack([moving, fixed], -1)[None], train=False)[0]
+    if downsample > 1:
+        moving, fixed = block_mean(moving, downsample), block_mean(fixed, downsample)
+    disp = model.apply(variables, jnp.stack([moving, fixed], -1)[None], train=False)[0]
+    return upsample_displacement(disp, downsample) if downsample > 1 else disp
 
 
-predict_jit = jax.jit(predict, static_argnums=0)
+predict_jit = jax.jit(predict, static_argnums=(0, 4))
 
 
 def registration_fn(trained: "Trained", refine_steps: int = 0
                     ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Jitted ``(moving, fixed) -> disp`` of ``trained``: its prediction, refined
     by ``refine_steps`` steps of the run's inner optimiser (test-time OFG, at the
-    learning rate of epoch 0).
+    learning rate of epoch 0, on the images' grid).
 
     Raises:
       ValueError: refinement of a run whose inner optimiser trains network
@@ -80,11 +91,12 @@ def registration_fn(trained: "Trained", refine_steps: int = 0
             f"with ofg.design={settings.design!r}, whose ofg.learning_rate is meant for "
             "network weights")
     settings = dataclasses.replace(settings, steps=int(refine_steps))
-    refiner = make_refiner(settings, trained.img_size) if refine_steps else None
+    full_size = tuple(n * trained.downsample for n in trained.img_size)
+    refiner = make_refiner(settings, full_size) if refine_steps else None
 
     @jax.jit
     def register(variables, moving, fixed):
-        disp = predict(trained.model, variables, moving, fixed)
+        disp = predict(trained.model, variables, moving, fixed, trained.downsample)
         return refiner(moving, fixed, disp, settings.learning_rate) if refiner else disp
 
     return lambda moving, fixed: register(trained.variables, moving, fixed)
@@ -107,10 +119,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def model_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    """The network's ``(D, H, W)``: ``data.img_size``, else the training data's grid."""
+    """The network's ``(D, H, W)``: the images' grid (``data.img_size``, else the
+    training data's) divided by ``data.downsample``."""
     img_size = config.data.get("img_size")
+    factor = int(config.data.get("downsample") or 1)
     if img_size:
-        return tuple(int(n) for n in img_size)
+        return tuple(int(n) // factor for n in img_size)
     try:
         return tuple(data_lib.create(config.data, config.seed).img_size)
     except (OSError, ValueError) as e:
@@ -193,5 +207,6 @@ def load_trained(workdir: str, step: Selection = None) -> Trained:
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
     return Trained(config=config, model=model, variables=variables, step=int(step),
-                   selection=selection, img_size=img_size, workdir=workdir)
+                   selection=selection, img_size=img_size, workdir=workdir,
+                   downsample=int(config.data.get("downsample") or 1))
 

@@ -16,6 +16,7 @@ from ofg_jax._shapes import check_disp, check_same_spatial
 from ofg_jax.ncc import ncc_to
 from ofg_jax.optim import torch_adam
 from ofg_jax.regularizers import grad_loss
+from ofg_jax.resolution import block_mean
 from ofg_jax.warp import warp
 
 SIMILARITIES = ("ncc", "mse")
@@ -78,20 +79,6 @@ def _optimizer(optimizer: Optimizer, learning_rate, default_lr: float
                      f"optax.GradientTransformation, got {optimizer!r}")
 
 
-def _downsample(disp: jax.Array, factor: int) -> jax.Array:
-    """Averages ``factor**N`` blocks of a ``(*S, N)`` field."""
-    spatial = disp.shape[:-1]
-    if any(n % factor for n in spatial):
-        raise ValueError(
-            f"downsample={factor} needs every spatial size divisible by it, got "
-            f"{spatial}")
-    blocks = []
-    for n in spatial:
-        blocks += [n // factor, factor]
-    blocked = disp.reshape(*blocks, disp.shape[-1])
-    return blocked.mean(axis=tuple(range(1, 2 * len(spatial), 2)))
-
-
 def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int = 10,
            learning_rate=None, reg_weight: float = 1.0, similarity: str = "ncc",
            optimizer: Optimizer = "amsgrad", downsample: int = 1, window: int = 9,
@@ -136,7 +123,7 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
         params = start
     else:
         to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
-        params = _downsample(start, downsample)
+        params = block_mean(start, downsample, spatial_dims=start.ndim - 1)
     opt = _optimizer(optimizer, learning_rate, default_lr=0.1)
     energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
     return _minimise(lambda p: energy(to_field(p)), to_field, params, opt, steps)

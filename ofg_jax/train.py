@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     data = data_lib.create(config.data, config.seed)
     img_size = tuple(data.img_size)
     labels = tuple(int(label) for label in data.labels)
-    record = config_lib.record(config, img_size)
+    record = config_lib.record(config, data.full_size)
     changed = {}
     if recorded is not None:
         changed = config_lib.check_resume(recorded, record, workdir, allow_config_change)
@@ -319,7 +319,8 @@ def _train(config, workdir, data, model, img_size, labels, mesh, chief,
                    model=model, img_size=img_size, steps_per_epoch=steps_per_epoch,
                    total_steps=total_steps, mesh=mesh, chief=chief,
                    train_step=make_train_step(config, steps_per_epoch, img_size),
-                   eval_fn=evaluation.make_model_eval_fn(model, labels),
+                   eval_fn=evaluation.make_model_eval_fn(model, labels,
+                                                         data.downsample),
                    val_pairs=data.val_pairs(), checkpoints=checkpoints,
                    log=MetricsLog(workdir, steps_per_epoch, resume_step, write=chief,
                                   reevaluate=force_evaluate),

@@ -12,6 +12,7 @@ from typing import Any
 
 from ofg_jax.data.abdomen_ct import AbdomenCT
 from ofg_jax.data.base import DEMO_HINT, Pair, PairList, RegistrationData, TrainItem
+from ofg_jax.data.downsampled import Downsampled
 from ofg_jax.data.ixi import IXI
 from ofg_jax.data.lpba import LPBA
 from ofg_jax.data.oasis import OASIS
@@ -34,11 +35,14 @@ def create(config: Any, seed: int) -> RegistrationData:
       seed: seed of the training plans (shuffling, partners, flips).
 
     Returns:
-      The dataset. Only cheap checks of the layout happen here; volumes are read
-      when they are loaded.
+      The dataset (with ``data.downsample > 1``, seen through block means,
+      ``ofg_jax.data.downsampled``). Only cheap checks of the layout happen here;
+      volumes are read when they are loaded.
     """
     name = config.get("name") or ""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset data.name={name!r}; valid names: "
                          f"{', '.join(NAMES)}")
-    return DATASETS[name].from_config(config, seed)
+    data = DATASETS[name].from_config(config, seed)
+    factor = config.get("downsample") or 1
+    return Downsampled(data, factor) if factor != 1 else data

@@ -152,12 +152,21 @@ class RegistrationData(abc.ABC):
       dice_over: how a pair's Dice averages the labels
         (``ofg_jax.evaluation.DICE_OVER``): the reference's definition for the
         dataset.
+      downsample: the factor by which the training images are block-averaged
+        (``data.downsample``, ``ofg_jax.data.downsampled``); ``img_size`` is then
+        the coarse grid and ``full_size`` that of the validation and test pairs.
     """
 
     name: str
     img_size: tuple[int, int, int]
     labels: tuple[int, ...]
     dice_over: str = "labels"
+    downsample: int = 1
+
+    @property
+    def full_size(self) -> tuple[int, ...]:
+        """The grid of the validation and test pairs."""
+        return tuple(n * self.downsample for n in self.img_size)
 
     def __init__(self, *, seed: int, augment: bool, num_val: int, split_seed: int = 42):
         if int(num_val) < 0:
