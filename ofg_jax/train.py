@@ -221,41 +221,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoints written before stay as they are.
       Interrupted: SIGINT or SIGTERM; a checkpoint of the last step was written.
     """
-    config = config_lib.complete(config)
-    config_lib.validate(config)
-    workdir_lib.check_writable(workdir)
-    recorded = workdir_lib.recorded_config(workdir)
-    data = data_lib.create(config.data, config.seed)
-    img_size = tuple(data.img_size)
-    labels = tuple(int(label) for label in data.labels)
-    record = config_lib.record(config, data.full_size)
-    changed = {}
-    if recorded is not None:
-        changed = config_lib.check_resume(recorded, record, workdir, allow_config_change)
-    model = config_lib.build_model(config, img_size)
-    batch_size = config.train.batch_size
-    mesh = parallel.data_mesh()
-    parallel.check_batch_size(batch_size, mesh)
-    chief = jax.process_index() == 0
-    items_per_epoch = len(data.train_plan(0))
-    steps_per_epoch = items_per_epoch // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"dataset {data.name!r} has {items_per_epoch} training items per epoch, "
-            f"fewer than train.batch_size={batch_size}")
-    total_steps = steps_per_epoch * config.train.epochs
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
-    with tqdm.tqdm(total=None, unit="file", desc="checking the data", leave=False,
-                   disable=None) as bar:
-        data.verify(progress=bar.update)
-
+    checked = workdir_lib.check_run(config, workdir, allow_config_change)
     checkpoints = checkpoint_lib.Checkpoints(
-        os.path.join(workdir, "checkpoints"), config.checkpoint.keep_best)
+        os.path.join(workdir, "checkpoints"), checked.config.checkpoint.keep_best)
     try:
         resume_step = checkpoints.latest_step()
         summary_path = os.path.join(workdir, workdir_lib.SUMMARY)
-        if (resume_step is not None and resume_step >= total_steps
+        if (resume_step is not None and resume_step >= checked.total_steps
                 and os.path.isfile(summary_path) and not force_evaluate):
             with open(summary_path) as f:
                 summary = json.load(f)
@@ -265,32 +237,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                 ("identity", "initial", "final", "best")}))
             print(workdir_lib.describe(workdir, checkpoints.all_steps()))
             return summary
-        return _train(config, workdir, data, model, img_size, labels, mesh, chief,
-                      steps_per_epoch, total_steps, checkpoints, resume_step, record,
-                      recorded, changed, pseudo_labels, force_evaluate)
+        return _train(checked, checkpoints, resume_step, pseudo_labels, force_evaluate)
     finally:
         checkpoints.close()
 
 
-def _write_record(workdir: str, record: dict[str, Any], recorded: Optional[dict],
-                  changed: dict, step: int) -> None:
-    history = list((recorded or {}).get(config_lib.HISTORY, []))
-    if changed:
-        history.append({"step": step, "changed": {
-            key: {"from": old, "to": new} for key, (old, new) in changed.items()}})
-    if history:
-        record = {**record, config_lib.HISTORY: history}
-    with open(os.path.join(workdir, workdir_lib.CONFIG), "w") as f:
-        json.dump(record, f, indent=2)
-
-
-def _train(config, workdir, data, model, img_size, labels, mesh, chief,
-           steps_per_epoch, total_steps, checkpoints, resume_step, record, recorded,
-           changed, pseudo_labels, force_evaluate) -> dict[str, Any]:
+def _train(checked: workdir_lib.CheckedRun, checkpoints: checkpoint_lib.Checkpoints,
+           resume_step: Optional[int], pseudo_labels: Optional[PseudoLabels],
+           force_evaluate: bool) -> dict[str, Any]:
     """The run itself, once every input is checked (``train_and_evaluate``)."""
+    config, workdir, data = checked.config, checked.workdir, checked.data
+    img_size, steps_per_epoch = tuple(data.img_size), checked.steps_per_epoch
+    mesh = parallel.data_mesh()
+    chief = jax.process_index() == 0  # On several hosts the first one writes.
     os.makedirs(workdir, exist_ok=True)
     state = parallel.replicate(
-        create_train_state(config, model, img_size, steps_per_epoch), mesh)
+        create_train_state(config, checked.model, img_size, steps_per_epoch), mesh)
     # Saved with every checkpoint; "initial", "best" and "final" are evaluations.
     meta = {"steps_per_epoch": steps_per_epoch, "step": 0, "epoch": 0,
             "position": 0, "identity": None, "initial": None, "best": None,
@@ -308,18 +270,19 @@ def _train(config, workdir, data, model, img_size, labels, mesh, chief,
         if force_evaluate and os.path.isfile(os.path.join(workdir, workdir_lib.SUMMARY)):
             with open(os.path.join(workdir, workdir_lib.SUMMARY)) as f:
                 previous_rate = json.load(f).get("steps_per_second")
-    if chief and (recorded is None or changed):
+    if chief and (checked.recorded is None or checked.changed):
         # The run's record, and what ``ofg_jax.register`` rebuilds the network from.
-        _write_record(workdir, record, recorded, changed, resume_step or 0)
+        workdir_lib.write_record(checked, resume_step or 0)
     if chief:
         with open(os.path.join(workdir, workdir_lib.SPLITS), "w") as f:
             json.dump(data.split_files(), f, indent=2)
     with StopRequest() as stop:
-        run = _Run(config=config, workdir=workdir, data=data, labels=labels,
-                   model=model, img_size=img_size, steps_per_epoch=steps_per_epoch,
-                   total_steps=total_steps, mesh=mesh, chief=chief,
+        run = _Run(config=config, workdir=workdir, data=data, labels=checked.labels,
+                   model=checked.model, img_size=img_size,
+                   steps_per_epoch=steps_per_epoch, total_steps=checked.total_steps,
+                   mesh=mesh, chief=chief,
                    train_step=make_train_step(config, steps_per_epoch, img_size),
-                   eval_fn=evaluation.make_model_eval_fn(model, labels,
+                   eval_fn=evaluation.make_model_eval_fn(checked.model, checked.labels,
                                                          data.downsample),
                    val_pairs=data.val_pairs(), checkpoints=checkpoints,
                    log=MetricsLog(workdir, steps_per_epoch, resume_step, write=chief,

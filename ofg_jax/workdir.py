@@ -7,10 +7,17 @@ that already holds one resumes it, and only with the same config
 (``ofg_jax.config.check_resume``).
 """
 
+import dataclasses
+import json
 import os
 from typing import Any, Optional
 
+import ml_collections
+import tqdm
+
 from ofg_jax import config as config_lib
+from ofg_jax import data as data_lib
+from ofg_jax import parallel
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -61,3 +68,69 @@ def describe(workdir: str, checkpoint_steps: list[int]) -> str:
     steps = ", ".join(str(s) for s in checkpoint_steps)
     return (f"outputs in {os.path.abspath(workdir)}: {', '.join(names)}, "
             f"checkpoints/ (steps {steps})")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedRun:
+    """A run's inputs, every one checked, before anything is written."""
+    config: ml_collections.ConfigDict
+    workdir: str
+    data: data_lib.RegistrationData
+    model: Any
+    labels: tuple[int, ...]
+    steps_per_epoch: int
+    total_steps: int
+    record: dict[str, Any]  # What config.json holds for this config.
+    recorded: Optional[dict[str, Any]]  # What config.json held, if resuming.
+    changed: dict[str, tuple[Any, Any]]  # Accepted changes from ``recorded``.
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str,
+                  allow_config_change: bool) -> CheckedRun:
+    """Checks the config, the workdir, every training and validation file, the
+    network's grid and, when ``workdir`` holds a run, that ``config`` is its config
+    (``ofg_jax.config.check_resume``); writes nothing.
+
+    Raises:
+      ConfigError: an invalid setting or a refused change of a resumed run.
+      ValueError, OSError: bad data or workdir, named.
+    """
+    config = config_lib.complete(config)
+    config_lib.validate(config)
+    check_writable(workdir)
+    recorded = recorded_config(workdir)
+    data = data_lib.create(config.data, config.seed)
+    record = config_lib.record(config, data.full_size)
+    changed = {}
+    if recorded is not None:
+        changed = config_lib.check_resume(recorded, record, workdir, allow_config_change)
+    model = config_lib.build_model(config, data.img_size)
+    batch_size = config.train.batch_size
+    parallel.check_batch_size(batch_size, parallel.data_mesh())
+    items_per_epoch = len(data.train_plan(0))
+    steps_per_epoch = items_per_epoch // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"dataset {data.name!r} has {items_per_epoch} training items per epoch, "
+            f"fewer than train.batch_size={batch_size}")
+    total_steps = steps_per_epoch * config.train.epochs
+    if config.train.max_steps:
+        total_steps = min(total_steps, config.train.max_steps)
+    with tqdm.tqdm(total=None, unit="file", desc="checking the data", leave=False,
+                   disable=None) as bar:
+        data.verify(progress=bar.update)
+    return CheckedRun(config=config, workdir=workdir, data=data, model=model,
+                    labels=tuple(int(label) for label in data.labels),
+                    steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                    record=record, recorded=recorded, changed=changed)
+
+
+def write_record(checked: CheckedRun, step: int) -> None:
+    """Writes ``config.json``: the run's config and the history of accepted changes."""
+    history = list((checked.recorded or {}).get(config_lib.HISTORY, []))
+    if checked.changed:
+        history.append({"step": step, "changed": {
+            key: {"from": old, "to": new} for key, (old, new) in checked.changed.items()}})
+    record = {**checked.record, config_lib.HISTORY: history} if history else checked.record
+    with open(os.path.join(checked.workdir, CONFIG), "w") as f:
+        json.dump(record, f, indent=2)
