@@ -10,7 +10,7 @@ removed, so it is safe beside a running training.
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,12 @@ class Trained:
     workdir: str = ""
     downsample: int = 1
 
+    @property
+    def full_size(self) -> tuple[int, int, int]:
+        """``(D, H, W)`` of the images the network registers: ``img_size`` times
+        ``downsample``."""
+        return tuple(n * self.downsample for n in self.img_size)
+
 
 def predict(model: models.RegistrationNetwork, variables: Any, moving: jax.Array,
             fixed: jax.Array, downsample: int = 1) -> jax.Array:
@@ -82,17 +88,8 @@ def registration_fn(trained: "Trained", refine_steps: int = 0
       ValueError: refinement of a run whose inner optimiser trains network
         weights (``ofg.design="network"``), or ``refine_steps < 0``.
     """
-    settings = RefineSettings.from_config(trained.config.ofg)
-    if refine_steps < 0:
-        raise ValueError(f"refine_steps must be >= 0, got {refine_steps}")
-    if refine_steps and settings.design != "instance":
-        raise ValueError(
-            f"test-time refinement optimises the field itself; this run was trained "
-            f"with ofg.design={settings.design!r}, whose ofg.learning_rate is meant for "
-            "network weights")
-    settings = dataclasses.replace(settings, steps=int(refine_steps))
-    full_size = tuple(n * trained.downsample for n in trained.img_size)
-    refiner = make_refiner(settings, full_size) if refine_steps else None
+    settings = RefineSettings.from_config(trained.config.ofg).at_test_time(refine_steps)
+    refiner = make_refiner(settings, trained.full_size) if refine_steps else None
 
     @jax.jit
     def register(variables, moving, fixed):

@@ -4,6 +4,8 @@ Errors name the file: a file nibabel cannot read is a ``ValueError`` with the
 reason, a missing one a ``FileNotFoundError``.
 """
 
+from typing import Union
+
 import nibabel as nib
 import numpy as np
 
@@ -26,6 +28,28 @@ def header_shape(path: str, what: str = "NIfTI file") -> tuple[int, ...]:
     return volume_shape(load(path, what).shape)
 
 
+def volume_grid(path: str, what: str = "NIfTI file"
+                ) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, affine)`` of a 3D volume, from its header alone (voxels not read).
+
+    Singleton axes around the volume are dropped (``(X, Y, Z, 1)`` is 3D).
+
+    Raises:
+      FileNotFoundError: a missing file.
+      ValueError: an unreadable file, or one that is not a single 3D volume (a
+        4-D series of several volumes is named as such).
+    """
+    image = load(path, what)
+    shape = volume_shape(image.shape)
+    if len(shape) == 4:
+        raise ValueError(f"{what} {path} has shape {tuple(image.shape)}: {shape[3]} "
+                         "volumes; one 3D volume is needed (extract it first)")
+    if len(shape) != 3:
+        raise ValueError(f"{what} {path} has shape {tuple(image.shape)}; a 3D volume "
+                         "is needed")
+    return shape, np.asarray(image.affine, np.float64)
+
+
 def read_array(path: str, *, labels: bool = False) -> np.ndarray:
     """The voxels of a file: ``float32`` (scaling applied) or, for labels, as stored."""
     image = load(path)
@@ -44,15 +68,21 @@ def read_volume(path: str, *, labels: bool = False) -> np.ndarray:
     return as_labels(array, path) if labels else as_image(array, path)
 
 
-def write_like(path: str, array: np.ndarray, reference_path: str) -> None:
-    """Writes ``array`` as NIfTI with the affine and header of ``reference_path``.
+def write_like(path: str, array: np.ndarray,
+               reference: Union[str, nib.spatialimages.SpatialImage]) -> None:
+    """Writes ``array`` as NIfTI with the affine and header of ``reference``.
 
-    The data type is that of ``array`` (not the reference's), without scaling and
-    without the reference's display range.
+    ``reference`` is a file or a loaded image (e.g. a displacement field: its grid
+    is the first three axes). The data type is that of ``array`` (not the
+    reference's), without scaling, intent, or the reference's display range.
     """
-    reference = nib.load(reference_path)
+    if isinstance(reference, str):
+        reference = nib.load(reference)
+    if not isinstance(reference, nib.Nifti1Image):  # .mgz and others: as NIfTI.
+        reference = nib.Nifti1Image.from_image(reference)
     image = type(reference)(array, reference.affine, reference.header)
     image.set_data_dtype(array.dtype)
     image.header.set_slope_inter(None, None)
     image.header["cal_min"], image.header["cal_max"] = 0, 0
+    image.header.set_intent("none")
     nib.save(image, path)

@@ -6,7 +6,7 @@ per-voxel "instance" optimiser, OFG's proposal) and :func:`refine_with_network`
 (the network-based design of the ablation).
 """
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp

@@ -57,6 +57,23 @@ class RefineSettings:
         return cls(**{field.name: ofg_config[field.name]
                       for field in dataclasses.fields(cls) if field.name in ofg_config})
 
+    def at_test_time(self, steps: int) -> "RefineSettings":
+        """These settings with ``steps`` steps, for refining a trained network's
+        prediction (test-time OFG).
+
+        Raises:
+          ValueError: ``steps < 0``, or ``steps > 0`` for a run whose inner
+            optimiser trains network weights (``design="network"``).
+        """
+        if steps < 0:
+            raise ValueError(f"refine_steps must be >= 0, got {steps}")
+        if steps and self.design != "instance":
+            raise ValueError(
+                "test-time refinement optimises the field itself; this run was "
+                f"trained with ofg.design={self.design!r}, whose ofg.learning_rate "
+                "is meant for network weights")
+        return dataclasses.replace(self, steps=int(steps))
+
     def validate(self) -> None:
         """Raises ``ValueError`` naming the first invalid ``ofg.*`` setting."""
 

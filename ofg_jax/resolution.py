@@ -8,7 +8,6 @@ between coarse centres (half-pixel centres, edges clamped, as
 """
 
 import jax
-import jax.numpy as jnp
 
 
 def block_mean(x: jax.Array, factor: int, spatial_dims: int = 3) -> jax.Array:

@@ -23,7 +23,6 @@ import numpy as np
 import tqdm
 
 from ofg_jax import checkpoint as checkpoint_lib
-from ofg_jax import config as config_lib
 from ofg_jax import data as data_lib
 from ofg_jax import evaluation
 from ofg_jax import inference
@@ -188,7 +187,8 @@ def _write_figures(run: _Run, state: TrainState, meta: dict[str, Any]) -> None:
     variables, step = _figure_state(run, state, meta)
     trained = inference.Trained(config=run.config, model=run.model, variables=variables,
                                 step=step, selection="in memory",
-                                img_size=run.img_size, workdir=run.workdir)
+                                img_size=run.img_size, workdir=run.workdir,
+                                downsample=run.data.downsample)
     registration.write_run_figures(
         os.path.join(run.workdir, "figures"), trained, run.val_pairs[0], run.labels,
         run.log.path, title=os.path.basename(os.path.abspath(run.workdir)))

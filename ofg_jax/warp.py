@@ -10,6 +10,52 @@ from jax.custom_derivatives import SymbolicZero
 from ofg_jax._shapes import check_disp, check_image
 
 
+def sample(image: jax.Array, coords: jax.Array, *, order: int = 1) -> jax.Array:
+    """Samples ``image`` at the voxel coordinates ``coords`` (of any grid).
+
+    Voxel centres of ``image`` are the integer coordinates ``0 .. S_k - 1``; every
+    interpolation neighbour outside the volume counts as 0 (so a point more than one
+    voxel outside gives 0, and the last voxel fades to 0 over the voxel beyond it).
+    The interpolation and its derivative are those of :func:`warp`, which is
+    ``sample(image, grid + disp)``. Differentiable in ``image`` and (for
+    ``order=1``) in ``coords``, in forward and reverse mode.
+
+    Args:
+      image: ``(*S)`` or ``(*S, C)`` array, 2D or 3D (``N = len(S)``).
+      coords: ``(*T, N)`` float coordinates in ``image``'s voxels, any leading
+        shape ``T``; component ``k`` indexes array axis ``k``.
+      order: 1 for (bi/tri)linear interpolation, 0 for nearest neighbour (label
+        maps; ties round half to even, as ``grid_sample``).
+
+    Returns:
+      ``(*T)`` (or ``(*T, C)``) array, dtype of ``image``.
+    """
+    image, coords = jnp.asarray(image), jnp.asarray(coords)
+    if coords.ndim < 1 or coords.shape[-1] not in (2, 3):
+        raise ValueError(f"coords must have shape (*T, N) with N = 2 or 3, got shape "
+                         f"{coords.shape}")
+    ndim = coords.shape[-1]
+    if image.ndim not in (ndim, ndim + 1):
+        raise ValueError(f"image of shape {image.shape} does not match coords with "
+                         f"{ndim} components: expected {ndim} spatial axes and an "
+                         "optional channel axis")
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    has_channels = image.ndim == ndim + 1
+    spatial = tuple(image.shape[:ndim])
+    values = image.reshape(-1, image.shape[-1] if has_channels else 1)
+    if not jnp.issubdtype(coords.dtype, jnp.floating):
+        coords = coords.astype(jnp.float32)
+    coords = tuple(coords[..., k] for k in range(ndim))
+    if order == 0:
+        index = [jnp.round(c).astype(jnp.int32) for c in coords]
+        out = _gather(values, index, spatial)
+    else:
+        out = _linear(spatial, values, coords)
+    out = out.astype(image.dtype)
+    return out if has_channels else out[..., 0]
+
+
 def warp(image: jax.Array, disp: jax.Array, *, order: int = 1) -> jax.Array:
     """Samples ``image`` at ``x + disp(x)`` for every voxel ``x`` of the grid.
 
@@ -18,7 +64,7 @@ def warp(image: jax.Array, disp: jax.Array, *, order: int = 1) -> jax.Array:
     voxel centres are the integer coordinates ``0 .. S_k - 1`` and every
     interpolation neighbour that falls outside the volume counts as 0.
     Differentiable in ``image`` and (for ``order=1``) in ``disp``, in forward and
-    reverse mode.
+    reverse mode. ``warp(image, disp) == sample(image, grid + disp)``.
 
     Args:
       image: ``(*S)`` or ``(*S, C)`` array, 2D or 3D.
@@ -32,21 +78,12 @@ def warp(image: jax.Array, disp: jax.Array, *, order: int = 1) -> jax.Array:
     """
     image, disp = jnp.asarray(image), jnp.asarray(disp)
     spatial = check_disp(disp.shape)
-    has_channels = check_image(image.shape, spatial)
+    check_image(image.shape, spatial)
     if order not in (0, 1):
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
-
-    values = image.reshape(-1, image.shape[-1] if has_channels else 1)
     grid = jnp.meshgrid(*[jnp.arange(n, dtype=disp.dtype) for n in spatial],
                         indexing="ij")
-    coords = tuple(grid[k] + disp[..., k] for k in range(len(spatial)))
-    if order == 0:
-        index = [jnp.round(c).astype(jnp.int32) for c in coords]
-        out = _gather(values, index, spatial)
-    else:
-        out = _linear(spatial, values, coords)
-    out = out.astype(image.dtype)
-    return out if has_channels else out[..., 0]
+    return sample(image, jnp.stack(grid, -1) + disp, order=order)
 
 
 def _gather(values, index, spatial):

@@ -2,7 +2,7 @@
 
 import pytest
 
-import registration_fixtures
+from tests import registration_fixtures
 
 
 @pytest.fixture(scope="session")

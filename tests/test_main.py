@@ -11,7 +11,6 @@ import pytest
 
 from ofg_jax import cli
 from ofg_jax import config as config_lib
-from ofg_jax import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ("demo", "ixi", "oasis", "lpba", "abdomen_ct")

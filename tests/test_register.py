@@ -18,10 +18,12 @@ import pytest
 from ofg_jax import cli
 from ofg_jax import inference
 from ofg_jax import register
+from ofg_jax import pair_files
 from ofg_jax import registration
+from ofg_jax import transforms
 from ofg_jax import registration_energy
 from ofg_jax import warp
-import registration_fixtures as fixtures
+from tests import registration_fixtures as fixtures
 from tests.references import np_dice, np_jacobian_determinant
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -60,6 +62,20 @@ def registered(workdir, files, tmp_path_factory):
     return str(out_dir), stdout.getvalue()
 
 
+def sitk_resample(moving, fixed, registration_dir):
+    """SimpleITK's resampling of ``moving`` onto ``fixed`` through the saved
+    transform (``affine.mat`` after ``transform.nii.gz``, as ANTs composes them)."""
+    sitk = pytest.importorskip("SimpleITK")
+    transforms = [sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(
+        os.path.join(registration_dir, "transform.nii.gz")), sitk.sitkVectorFloat64))]
+    if os.path.exists(os.path.join(registration_dir, "affine.mat")):
+        transforms.insert(0, sitk.ReadTransform(os.path.join(registration_dir,
+                                                             "affine.mat")))
+    out = sitk.Resample(sitk.ReadImage(moving, sitk.sitkFloat32), sitk.ReadImage(fixed),
+                        sitk.CompositeTransform(transforms), sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+
+
 def printed(stdout, key):
     return float(re.search(rf"^{key}: (\S+)", stdout, re.M).group(1))
 
@@ -68,8 +84,8 @@ def test_outputs_carry_the_fixed_grid_and_match_independent_checks(registered, f
     out_dir, stdout = registered
     fixed = nib.load(files["fixed"])
     outputs = {key: nib.load(os.path.join(out_dir, name))
-               for key, name in registration.OUTPUT_FILES.items()}
-    expected_shape = {"disp": fixtures.SIZE + (3,)}
+               for key, name in transforms.OUTPUT_FILES.items()}
+    expected_shape = {"disp": fixtures.SIZE + (3,), "transform": fixtures.SIZE + (1, 3)}
     for key, image in outputs.items():
         assert image.shape == expected_shape.get(key, fixtures.SIZE), key
         np.testing.assert_allclose(image.affine, fixed.affine, atol=1e-6)
@@ -91,6 +107,9 @@ def test_outputs_carry_the_fixed_grid_and_match_independent_checks(registered, f
                                                               order=0)))
     jacobian = np_jacobian_determinant(disp)
     np.testing.assert_allclose(outputs["jacobian"].get_fdata(), jacobian, atol=1e-4)
+    # The ITK field holds the same mapping: SimpleITK reproduces warped.nii.gz.
+    np.testing.assert_allclose(sitk_resample(files["moving"], files["fixed"], out_dir),
+                               outputs["warped"].get_fdata(), atol=1e-5)
 
     fixed_seg = np.asarray(nib.load(files["fixed_seg"]).dataobj)
     labels = [l for l in np.unique(fixed_seg) if l != 0]
@@ -171,47 +190,73 @@ def test_batch_mode_writes_one_folder_and_row_per_pair(workdir, files, tmp_path,
     for row in rows:
         assert 0 <= float(row["non_pos_jacobian_pct"]) <= 100
     assert sorted(os.listdir(tmp_path / "out" / "with_labels")) == sorted(
-        registration.OUTPUT_FILES.values())
+        transforms.OUTPUT_FILES.values())
     assert "warped_seg.nii.gz" not in os.listdir(tmp_path / "out" / "fixed_to_moving")
     assert "with_labels:\ndice:" in stdout
 
 
 def test_errors_name_the_problem_and_exit_non_zero(workdir, files, tmp_path, capsys):
     affine = fixtures.oblique_affine()
-    small = fixtures.write_nifti(tmp_path / "small.nii.gz", np.zeros((16, 16, 16)),
-                                 affine, np.float32)
     four_d = fixtures.write_nifti(tmp_path / "4d.nii.gz",
                                   np.zeros(fixtures.SIZE + (2,)), affine, np.float32)
+    unreadable = tmp_path / "unreadable.nii.gz"
+    unreadable.write_text("not a NIfTI file")
+    nan = nib.load(files["moving"]).get_fdata()
+    nan[3, 4, 5] = np.nan
+    non_finite = fixtures.write_nifti(tmp_path / "nan.nii.gz", nan, affine, np.float32)
+    small = fixtures.write_nifti(tmp_path / "small.nii.gz", np.zeros((16, 16, 16)),
+                                 affine, np.uint8)
     shifted = fixtures.write_nifti(
-        tmp_path / "shifted.nii.gz", nib.load(files["moving"]).get_fdata(),
-        fixtures.oblique_affine(offset=(0.0, 0.0, 0.0)), np.float32)
+        tmp_path / "shifted.nii.gz", np.asarray(nib.load(files["moving_seg"]).dataobj),
+        fixtures.oblique_affine(offset=(0.0, 0.0, 0.0)), np.uint8)
     no_checkpoint = tmp_path / "no_checkpoint"
     no_checkpoint.mkdir()
     shutil.copy(os.path.join(workdir, "config.json"), no_checkpoint)
     missing = tmp_path / "missing.nii.gz"
+    out_file = tmp_path / "out_file"
+    out_file.write_text("")
+    out = f"--out={tmp_path / 'out'}"
     cases = [
-        # (workdir, moving, expected pieces of the message)
-        (workdir, missing, [f"moving image {missing} not found"]),
-        (workdir, small, [str(small), "(16, 16, 16)", "(16, 16, 32)"]),
-        (workdir, four_d, [str(four_d), "(16, 16, 32, 2)", "3D"]),
-        (workdir, shifted, [str(shifted), files["fixed"], "different affines"]),
-        (tmp_path, files["moving"], [str(tmp_path / "config.json"), "not found"]),
-        (no_checkpoint, files["moving"],
-         ["no checkpoint", str(no_checkpoint / "checkpoints")]),
+        # (arguments besides --workdir and --fixed, expected pieces of the message)
+        ([f"--moving={missing}", out], [f"moving image {missing} not found"]),
+        ([f"--moving={four_d}", out], [str(four_d), "(16, 16, 32, 2)", "2 volumes",
+                                       "3D"]),
+        ([f"--moving={unreadable}", out], ["could not read moving image",
+                                           str(unreadable)]),
+        ([f"--moving={non_finite}", out], [str(non_finite), "1 non-finite"]),
+        ([f"--moving={files['moving']}", f"--moving-seg={small}", out],
+         [str(small), "(16, 16, 16)", "(16, 16, 32)", "must share a grid"]),
+        ([f"--moving={files['moving']}", f"--moving-seg={shifted}", out],
+         [str(shifted), files["moving"], "different affines"]),
+        ([f"--moving={files['moving']}", f"--out={out_file}"],
+         [f"output folder {out_file} is a file"]),
     ]
-    for work, moving, pieces in cases:
-        status, stdout, stderr = run_main(
-            capsys, f"--workdir={work}", f"--moving={moving}",
-            f"--fixed={files['fixed']}", f"--out={tmp_path / 'out'}")
-        assert status == cli.EXIT_FAILURE, (moving, stderr)
+    for args, pieces in cases:
+        status, stdout, stderr = run_main(capsys, f"--workdir={workdir}",
+                                          f"--fixed={files['fixed']}", *args)
+        assert status == cli.EXIT_FAILURE, (args, stderr)
         assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
         for piece in pieces:
             assert piece in stderr, (piece, stderr)
-    assert not (tmp_path / "out").exists()
+    for work, pieces in [(tmp_path, [str(tmp_path / "config.json"), "not found"]),
+                         (no_checkpoint, ["no checkpoint",
+                                          str(no_checkpoint / "checkpoints")])]:
+        status, stdout, stderr = run_main(
+            capsys, f"--workdir={work}", f"--moving={files['moving']}",
+            f"--fixed={files['fixed']}", out)
+        assert status == cli.EXIT_FAILURE, stderr
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        for piece in pieces:
+            assert piece in stderr, (piece, stderr)
+    assert not (tmp_path / "out").exists() and out_file.read_text() == ""
     status, _, stderr = run_main(capsys, f"--workdir={workdir}", f"--out={tmp_path}",
                                  f"--moving={files['moving']}")
     assert status == cli.EXIT_USAGE
     assert "--moving and --fixed (or --pairs) are required" in stderr
+    status, _, stderr = run_main(capsys, f"--workdir={workdir}", out,
+                                 f"--moving={files['moving']}",
+                                 f"--fixed={files['fixed']}", "--fov-center=1,2")
+    assert status == cli.EXIT_USAGE and "--fov-center must be three numbers" in stderr
 
 
 def test_module_entry_point_reports_errors_in_one_line(tmp_path):
@@ -238,4 +283,80 @@ def test_bad_pairs_files_are_named(tmp_path, content, message):
     path = tmp_path / "pairs.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)):
-        registration.read_pairs_csv(str(path))
+        pair_files.read_pairs_csv(str(path))
+
+
+def test_scans_of_other_geometries_register_with_one_command(workdir, tmp_path,
+                                                             capsys):
+    """The README's example: two scans of different shapes, voxel sizes and
+    orientations; the outputs lie on the fixed grid, SimpleITK applies the written
+    transform to the same result, and apply carries the labels over."""
+    scans = fixtures.write_scans(str(tmp_path / "scans"), seed=3)
+    out = tmp_path / "out"
+    status, stdout, stderr = run_main(
+        capsys, f"--workdir={workdir}", f"--moving={scans['moving']}",
+        f"--fixed={scans['fixed']}", f"--moving-seg={scans['moving_seg']}",
+        f"--fixed-seg={scans['fixed_seg']}", f"--out={out}", "--affine", "--inverse",
+        f"--checkpoint={fixtures.TRAIN_STEPS}")
+    assert status == 0, stderr
+    assert sorted(os.listdir(out)) == sorted(
+        ["warped.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz", "transform.nii.gz",
+         "affine.mat", "inverse.nii.gz"])
+    fixed, moving = nib.load(scans["fixed"]), nib.load(scans["moving"])
+    assert moving.shape != fixed.shape
+    for name in ("warped", "warped_seg", "jacobian"):
+        image = nib.load(out / f"{name}.nii.gz")
+        assert image.shape == fixed.shape, name
+        np.testing.assert_array_equal(image.affine, fixed.affine)
+    # What was done is in the log.
+    for line in ("moving: 34x40x36 at", "fixed: 36x38x34 at",
+                 f"network grid {'x'.join(map(str, fixtures.SIZE))} at 6x6x6 mm, RAS",
+                 "affine (fixed -> moving world): rotation", "inverse (fixed-point"):
+        assert line in stdout, (line, stdout)
+    assert 0 <= printed(stdout, "dice") <= 1
+    warped = nib.load(out / "warped.nii.gz").get_fdata()
+    assert np.count_nonzero(warped > 0.1) > 2000
+    np.testing.assert_allclose(sitk_resample(scans["moving"], scans["fixed"], out),
+                               warped, atol=1e-5)
+    from ofg_jax import apply
+    status = apply.main(["apply", f"--registration={out}", "--interpolation=nearest",
+                         f"--image={scans['moving_seg']}",
+                         f"--out={tmp_path / 'seg.nii.gz'}"])
+    assert status == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj),
+                                  np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_geometry_round_trip_with_an_identity_network(seed):
+    """A scan in a random orientation (RAS, LPS, permuted, oblique), anisotropic
+    voxels and a shifted origin, registered by a network that predicts a zero
+    field, comes back as itself; another grid of the same anatomy comes back as
+    that anatomy on the fixed grid, to interpolation accuracy."""
+    trained = fixtures.smooth_trained(fixtures.SIZE, amplitude=0.0)
+    rng = np.random.default_rng(seed)
+    shapes = [(34, 40, 36), (36, 38, 34)]  # As write_scans: shared compilations.
+    grids = [(shape, fixtures.random_affine(rng, shape, oblique=k != seed))
+             for k, shape in enumerate(shapes)]
+    volumes = []
+    for shape, affine in grids:
+        image, labels = fixtures.render_phantom(shape, affine)
+        volumes.append((transforms.Volume(image, affine),
+                        transforms.Volume(labels, affine)))
+    (moving, moving_seg), (fixed, fixed_seg) = volumes
+    itself = registration.register_volumes(trained, fixed, fixed, fixed_seg, fixed_seg)
+    assert not itself["direct"]  # Resampled onto the network's grid and back.
+    np.testing.assert_allclose(itself["warped"], fixed.array, atol=1e-5)
+    np.testing.assert_array_equal(itself["warped_seg"], fixed_seg.array)
+    np.testing.assert_array_equal(itself["jacobian"], 1.0)
+    np.testing.assert_array_equal(itself["transform"].field_lps, 0.0)
+
+    other = registration.register_volumes(trained, moving, fixed, moving_seg,
+                                          fixed_seg, fov_center=(2.0, -3.0, 1.0))
+    error = np.abs(other["warped"] - fixed.array)
+    assert np.count_nonzero(fixed.array > 0.1) > 2000
+    assert error.mean() < 0.02, error.mean()
+    head = [other["warped_seg"] > 0, fixed_seg.array > 0]
+    overlap = 2 * np.sum(head[0] & head[1]) / (np.sum(head[0]) + np.sum(head[1]))
+    assert overlap > 0.95, overlap  # The labels: small structures at 4 mm voxels.
+    assert any("(2.0, -3.0, 1.0) mm RAS (as given)" in line for line in other["log"])

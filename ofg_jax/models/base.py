@@ -15,6 +15,10 @@ import jax.numpy as jnp
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.models.layers import Conv3D, flow_head_init
 
+# Name of the velocity field that diffeomorphic networks sow into the
+# "intermediates" collection: ``model.apply(..., mutable=["intermediates"])``.
+VELOCITY = "velocity"
+
 
 def check_img_size(name: str, img_size: Sequence[int]) -> tuple[int, int, int]:
     """``img_size`` as 3 positive ints, or a ``ValueError``."""
@@ -33,6 +37,11 @@ def check_divisible(name: str, img_size: Sequence[int], factor: int, why: str) -
             f"{size}")
 
 
+def remat_if(flag: bool, target: Any, static_argnums: tuple[int, ...] = ()) -> Any:
+    """``nn.remat(target, static_argnums=...)`` if ``flag``, else ``target``."""
+    return nn.remat(target, static_argnums=static_argnums) if flag else target
+
+
 class RegistrationNetwork(nn.Module):
     """Base of the networks: ``(B, *img_size, 2) -> (B, *img_size, 3)`` in voxels.
 
@@ -47,6 +56,13 @@ class RegistrationNetwork(nn.Module):
       dtype: compute dtype (e.g. ``jnp.bfloat16`` or ``"bfloat16"``); parameters
         stay float32 and the displacement is returned in float32.
       conv_impl: ``conv3d`` implementation (``"auto"``, ``"xla"``, ``"cpu"``).
+      remat: rematerialise the network's stages (:meth:`stage`) in the backward
+        pass: between the forward and the backward pass only each stage's inputs
+        are kept, and the stage's forward pass runs again when its gradient is
+        needed. The same values, gradients and parameters, less memory, more
+        time. A training setting (``train.remat``, applied by
+        ``ofg_jax.train_step.create_train_state``), not an architecture option:
+        :func:`ofg_jax.models.options` does not list it.
     """
 
     img_size: Sequence[int]
@@ -54,10 +70,21 @@ class RegistrationNetwork(nn.Module):
     int_steps: int = 7
     dtype: Optional[Any] = None
     conv_impl: str = "auto"
+    remat: bool = False
 
     def check_size(self) -> None:
         """Raises ``ValueError`` naming the constraint if ``img_size`` cannot work."""
         raise NotImplementedError
+
+    def stage(self, target: Any, static_argnums: tuple[int, ...] = ()) -> Any:
+        """``target`` as one rematerialised stage if ``remat``, else ``target``.
+
+        ``target``: a module class, or a function whose first argument is a
+        module (call it as ``self.stage(fn)(self, *arrays)``); submodules keep
+        their names, so the parameters are the same either way.
+        ``static_argnums``: as ``nn.remat`` (non-array arguments, ``self`` = 0).
+        """
+        return remat_if(self.remat, target, static_argnums)
 
     @property
     def compute_dtype(self) -> Any:
@@ -79,4 +106,9 @@ class RegistrationNetwork(nn.Module):
         flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
                       dtype=self.compute_dtype, impl=self.conv_impl, name="flow")(h)
         flow = flow.astype(jnp.float32)
-        return integrate_velocity(flow, self.int_steps) if self.diffeomorphic else flow
+        if not self.diffeomorphic:
+            return flow
+        # Kept for the exact inverse (integrate -v) when "intermediates" is mutable;
+        # otherwise a no-op.
+        self.sow("intermediates", VELOCITY, flow)
+        return integrate_velocity(flow, self.int_steps)

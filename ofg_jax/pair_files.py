@@ -1,0 +1,199 @@
+"""Registering pairs of NIfTI files: the pairs CSV, header checks, the outputs.
+
+:func:`read_pairs_csv` reads the pairs of ``register --pairs``;
+:func:`check_headers` checks a pair's files from their headers alone, so that
+every pair of a batch is checked before the first is registered;
+:func:`register_files` registers one pair
+(``ofg_jax.registration.register_volumes``) and writes its outputs
+(``ofg_jax.transforms.OUTPUT_FILES``) only once everything is computed.
+"""
+
+import csv
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from ofg_jax import figures
+from ofg_jax import geometry
+from ofg_jax import nifti
+from ofg_jax.inference import Trained
+from ofg_jax.registration import AFFINE_TOLERANCE
+from ofg_jax.registration import register_volumes
+from ofg_jax.transforms import AFFINE_FILE
+from ofg_jax.transforms import INVERSE_FILE
+from ofg_jax.transforms import OUTPUT_FILES
+from ofg_jax.transforms import Volume
+
+
+@dataclasses.dataclass(frozen=True)
+class PairFiles:
+    """The input files of one registration (segmentations optional)."""
+    name: str
+    moving: str
+    fixed: str
+    moving_seg: Optional[str] = None
+    fixed_seg: Optional[str] = None
+
+    def roles(self) -> dict[str, str]:
+        """``{description: path}`` of the files that are given."""
+        roles = {"moving image": self.moving, "fixed image": self.fixed,
+                 "moving segmentation": self.moving_seg,
+                 "fixed segmentation": self.fixed_seg}
+        return {what: path for what, path in roles.items() if path}
+
+
+def check_headers(files: PairFiles) -> None:
+    """Checks the input files of a pair from their headers alone (no voxels read).
+
+    Raises:
+      FileNotFoundError: a missing file.
+      ValueError: an unreadable file, one that is not a single 3D volume, or a
+        segmentation whose grid (shape or affine) differs from its image's.
+    """
+    grids = {what: nifti.volume_grid(path, what)
+             for what, path in files.roles().items()}
+    for side in ("moving", "fixed"):
+        seg = grids.get(f"{side} segmentation")
+        if seg is None:
+            continue
+        image = grids[f"{side} image"]
+        seg_path, image_path = getattr(files, f"{side}_seg"), getattr(files, side)
+        if seg[0] != image[0]:
+            raise ValueError(f"{side} segmentation {seg_path} has shape {seg[0]}, "
+                             f"its image {image_path} {image[0]}: they must share a "
+                             "grid")
+        if not np.allclose(seg[1], image[1], rtol=0, atol=AFFINE_TOLERANCE):
+            difference = float(np.max(np.abs(seg[1] - image[1])))
+            raise ValueError(f"{side} segmentation {seg_path} and its image "
+                             f"{image_path} have different affines (entries differ "
+                             f"by up to {difference:.4g}): they must share a grid")
+
+
+def read_volume(path: str, what: str, *, labels: bool = False) -> Volume:
+    """A file's voxels (checked: finite float32, or integer labels) and affine."""
+    _, affine = nifti.volume_grid(path, what)
+    return Volume(nifti.read_volume(path, labels=labels), affine)
+
+
+def register_files(trained: Trained, files: PairFiles, out_dir: str, *,
+                   refine_steps: int = 0, with_figures: bool = False,
+                   affine: bool = False, inverse: bool = False,
+                   fov_center: Optional[Sequence[float]] = None) -> dict[str, Any]:
+    """Registers one pair of NIfTI files and writes the outputs into ``out_dir``.
+
+    The files must have passed :func:`check_headers`. Every voxel is read and
+    checked and the registration computed before anything is written. Returns
+    the result of :func:`register_volumes` plus ``written``, the paths written.
+    """
+    moving, fixed = read_volume(files.moving, "moving image"), read_volume(
+        files.fixed, "fixed image")
+    moving_seg, fixed_seg = (read_volume(path, what, labels=True) if path else None
+                             for path, what in ((files.moving_seg, "moving segmentation"),
+                                                (files.fixed_seg, "fixed segmentation")))
+    result = register_volumes(trained, moving, fixed, moving_seg, fixed_seg,
+                              refine_steps=refine_steps, affine=affine,
+                              inverse=inverse, fov_center=fov_center)
+    fixed_image = nib.load(files.fixed)
+    os.makedirs(out_dir, exist_ok=True)
+    join = lambda name: os.path.join(out_dir, name)
+    written = []
+    for key in ("warped", "warped_seg", "disp", "jacobian"):
+        if key in result and (key != "disp" or result["direct"]):
+            written.append(join(OUTPUT_FILES[key]))
+            nifti.write_like(written[-1], np.asarray(result[key]), fixed_image)
+    written.append(join(OUTPUT_FILES["transform"]))
+    geometry.write_itk_displacement(written[-1], result["transform"].field_lps,
+                                    fixed_image)
+    if result["transform"].matrix is not None:
+        written.append(join(AFFINE_FILE))
+        geometry.write_itk_affine(written[-1], result["transform"].matrix)
+    if inverse:
+        written.append(join(INVERSE_FILE))
+        geometry.write_itk_displacement(written[-1], result["inverse_lps"],
+                                        nib.load(files.moving))
+    if with_figures:
+        if result["direct"]:
+            shown_moving, shown = moving.array, result
+        else:  # The moving image on the fixed grid as the scanner placed it, and
+            # the deformable part of the transform in fixed voxels.
+            shown_moving = np.asarray(geometry.resample(moving.array, moving.affine,
+                                                        fixed.grid))
+            to_voxels = np.linalg.inv(fixed.affine[:3, :3])
+            shown = dict(result, disp=(result["transform"].field_lps
+                                       * geometry.RAS_TO_LPS) @ to_voxels.T)
+        written += figures.write_pair_figures(
+            out_dir, fixed.array, shown_moving, shown,
+            fixed_seg=None if fixed_seg is None else fixed_seg.array, title=files.name)
+    result["written"] = written
+    return result
+
+
+def read_pairs_csv(path: str) -> list[PairFiles]:
+    """The pairs of a CSV file: ``moving,fixed[,moving_seg,fixed_seg][,name]``.
+
+    Relative paths are taken from the CSV file's folder; an empty segmentation
+    cell means none. A missing name is ``<moving stem>_to_<fixed stem>``.
+
+    Raises:
+      FileNotFoundError: a missing CSV file.
+      ValueError: missing or unknown columns, a row without moving or fixed, a
+        fixed_seg without moving_seg, no rows, or names that are not distinct
+        folder names.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pairs file {path} not found")
+    folder = os.path.dirname(os.path.abspath(path))
+    allowed = {"moving", "fixed", "moving_seg", "fixed_seg", "name"}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if not {"moving", "fixed"} <= set(columns) or set(columns) - allowed:
+            raise ValueError(
+                f"{path} has columns {columns}; expected moving,fixed and optionally "
+                "moving_seg, fixed_seg, name")
+        rows = []
+        for row in reader:
+            if None in row:  # DictReader's key of the cells past the header's.
+                raise ValueError(f"{path}, line {reader.line_num}: more cells than "
+                                 f"the columns {columns}")
+            rows.append((reader.line_num,
+                         {k.strip(): (v or "").strip() for k, v in row.items()}))
+    if not rows:
+        raise ValueError(f"{path} lists no pairs")
+    resolve = lambda p: os.path.join(folder, os.path.expanduser(p)) if p else None
+    pairs = []
+    for line, row in rows:
+        if not row["moving"] or not row["fixed"]:
+            raise ValueError(f"{path}, line {line}: moving and fixed must be given")
+        if row.get("fixed_seg") and not row.get("moving_seg"):
+            raise ValueError(f"{path}, line {line}: fixed_seg needs moving_seg")
+        name = row.get("name") or pair_name(row["moving"], row["fixed"])
+        if os.sep in name or name in (".", ".."):
+            raise ValueError(f"{path}, line {line}: the name {name!r} is not a "
+                             "folder name")
+        pairs.append(PairFiles(name, resolve(row["moving"]), resolve(row["fixed"]),
+                               resolve(row.get("moving_seg")),
+                               resolve(row.get("fixed_seg"))))
+    names = [pair.name for pair in pairs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: several pairs are named {duplicates}; give each a "
+                         "unique name in a 'name' column")
+    return pairs
+
+
+def pair_name(moving: str, fixed: str) -> str:
+    """``<moving stem>_to_<fixed stem>``: the default name of a pair of files."""
+    return f"{_stem(moving)}_to_{_stem(fixed)}"
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return os.path.splitext(name)[0]
+
