@@ -1,24 +1,42 @@
-"""Training-step throughput of ofg_jax (XLA) against the eager PyTorch baseline.
+"""Training-step throughput and memory of ofg_jax (XLA) against PyTorch baselines.
 
-For each framework, in its own subprocess (so that peak memories are separate),
-times on one synthetic batch: the unsupervised training step, the OFG training
-step, ``refine`` alone and the network forward pass. Every timing is the median
-over ``--repeats`` calls after ``--warmup`` untimed calls, the four functions
-called in turn (round-robin) so that a slow spell of a shared machine slows them
-alike; JAX outputs are blocked on. JAX compile time is reported separately: the
-ahead-of-time ``lower().compile()`` of the four functions plus, for each of
-the two train steps, ``create_train_state`` (whose time is almost all the
-compilation of the initialiser).
+For each network and framework, times on one synthetic batch: the unsupervised
+training step, the OFG training step, ``refine`` alone and the network forward
+pass. Every framework runs in its own subprocess (so that peak memories are
+separate); with ``--isolate`` every (framework, function) does, so that each
+function's peak is its own. Every timing is the median over ``--repeats`` calls
+after ``--warmup`` untimed calls; the functions of one process are called in
+turn (round-robin) so that a slow spell of a shared machine slows them alike;
+JAX outputs are blocked on. JAX compile time is reported separately: the
+ahead-of-time ``lower().compile()`` of the functions plus ``create_train_state``
+(whose time is almost all the compilation of the initialiser).
 
     python -m experiments.benchmark --shape 64,64,64 --inner-steps 10 \\
-        --repeats 3 --out bench_64.json [--torch-compile] [--breakdown] \\
-        [--torch-repeats 1 --torch-warmup 0]
+        --repeats 3 --out bench_64.json [--models voxelmorph,vitvnet,transmorph] \\
+        [--set transmorph:model.window_size=(2,2,2)] [--torch-compile] \\
+        [--isolate] [--breakdown] [--torch-repeats 1 --torch-warmup 0]
 
-JSON: ``{"shape", "device", "model", "batch", "inner_steps", "repeats",
-"jax": {...}, "torch": {...}[, "torch_compile": {...}][, "jax_breakdown": {...}]}``
-where each framework entry holds ``unsupervised_step_s``, ``ofg_step_s``,
-``refine_s``, ``forward_s``, ``compile_s`` and ``peak_mb`` (process peak RSS on
-CPU, peak device memory on GPU), or ``{"error": ...}`` when it could not run.
+Networks: ``--models`` are ``ofg_jax.models`` names; the PyTorch baselines are
+``experiments.torch_baseline`` (VoxelMorph) and ``experiments.torch_networks``
+(ViT-V-Net, TransMorph) with the same architecture options. ``--set KEY=VALUE``
+overrides a config key for every network, ``--set NAME:KEY=VALUE`` for one
+(keys and values as ``--config.KEY=VALUE`` of ``ofg_jax.main``; ``model.*``
+options reach the PyTorch networks too). ``refine`` does not depend on the
+network: with several networks it runs once per framework, for the first, and
+the other records copy it (``refine_from``).
+
+Memory: ``peak_mb`` is the process's peak resident set during the timed calls
+on CPU (Linux's ``VmHWM``, reset after setup and warm-up; it includes the
+parameters, the inputs and the runtime), peak device memory on GPU;
+``process_peak_mb`` the whole process's, compilation included. With
+``--isolate`` there is one per function (``<function>_peak_mb``) and ``peak_mb``
+is their maximum.
+
+JSON: ``{"shape", "device", "model", "options", "overrides", "batch",
+"inner_steps", "repeats", "jax": {...}, "torch": {...}[, "torch_compile":
+{...}][, "jax_breakdown": {...}]}`` where each framework entry holds
+``unsupervised_step_s``, ``ofg_step_s``, ``refine_s``, ``forward_s``,
+``compile_s`` and ``peak_mb``, or ``{"error": ...}`` when it could not run.
 With several ``--models`` the file holds a list of such records.
 """
 
@@ -34,13 +52,18 @@ import time
 from typing import Optional, Sequence
 
 from experiments.timing import (CompiledStep, cpu_description, interleaved_seconds,
-                                parse_shape, peak_rss_mb, synthetic_batch)
+                                parse_shape, peak_rss_mb, reset_peak_rss,
+                                synthetic_batch)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
-TIMED_KEYS = ("unsupervised_step_s", "ofg_step_s", "refine_s", "forward_s")
+FUNCTIONS = ("unsupervised_step", "ofg_step", "refine", "forward")
+TIMED_KEYS = tuple(f"{f}_s" for f in FUNCTIONS)
+PEAK_KEYS = tuple(f"{f}_peak_mb" for f in FUNCTIONS)
 RESULT_KEYS = TIMED_KEYS + ("compile_s", "peak_mb")
 FRAMEWORKS = ("jax", "torch", "torch_compile")
+# Functions that do not depend on the network: measured once per framework.
+NETWORK_INDEPENDENT = ("refine",)
 INNER_LR = 0.1
 
 
@@ -52,66 +75,106 @@ def log(message: str) -> None:
 # JAX.
 
 
-def jax_config(model_name: str, mode: str, inner_steps: int, batch: int):
-    """The reference training config (``configs/default.py``) for ``mode``."""
+def jax_config(model_name: str, mode: str, inner_steps: int, batch: int,
+               overrides: Sequence[str] = ()):
+    """The reference training config (``configs/default.py``) for ``mode``.
+
+    ``overrides``: ``"KEY=VALUE"`` strings as ``--config.KEY=VALUE`` of
+    ``ofg_jax.main`` (e.g. ``"model.window_size=(2,2,2)"``, ``"train.remat=True"``).
+    """
     from ofg_jax import config as config_lib
-    return config_lib.with_overrides(config_lib.load(DEFAULT_CONFIG), {
-        "model.name": model_name, "train.mode": mode, "train.batch_size": batch,
+    config = config_lib.load(DEFAULT_CONFIG, [f"model.name={model_name}", *overrides])
+    return config_lib.with_overrides(config, {
+        "train.mode": mode, "train.batch_size": batch,
         "ofg.steps": inner_steps, "ofg.learning_rate": INNER_LR})
 
 
-def run_jax(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
-            warmup: int, breakdown: bool) -> dict:
+def model_options(model_name: str, overrides: Sequence[str] = ()) -> dict:
+    """The network options (``model.*`` but the name) that ``overrides`` give."""
+    from ofg_jax import config as config_lib
+    return config_lib.model_options(jax_config(model_name, "ofg", 1, 1, overrides))
+
+
+def run_jax(model_name: str, overrides: Sequence[str], shape, batch: int,
+            inner_steps: int, functions: Sequence[str], repeats: int, warmup: int,
+            breakdown: bool) -> dict:
     """Times the jitted ``ofg_jax`` train steps, ``refine`` and the forward pass."""
     import jax
     import jax.numpy as jnp
+    from ofg_jax import config as config_lib
     from ofg_jax import refine
+    from ofg_jax.train_step import create_train_state
 
     device = jax.devices()[0]
     moving, fixed = (jax.device_put(x) for x in synthetic_batch(shape, batch))
     data = {"moving": moving, "fixed": fixed}
-    calls, compile_times = {}, {}
-    for mode, key in (("unsupervised", "unsupervised_step_s"), ("ofg", "ofg_step_s")):
-        calls[key] = CompiledStep(jax_config(model_name, mode, inner_steps, batch),
-                                  shape, data)
-        compile_times[key] = calls[key].compile_seconds
-    ofg_step = calls["ofg_step_s"]
-    model = ofg_step.model
-    initial_variables = jax.tree.map(jnp.copy, ofg_step.state.variables)
+    calls, compile_times, steps = {}, {}, {}
+    for mode in ("unsupervised", "ofg"):
+        key = f"{mode}_step"
+        if key in functions:
+            steps[key] = CompiledStep(
+                jax_config(model_name, mode, inner_steps, batch, overrides), shape, data)
+            calls[key] = steps[key]
+            compile_times[key] = steps[key].compile_seconds
+    model = variables = None
+    if "forward" in functions or breakdown:
+        if "ofg_step" in steps:
+            model = steps["ofg_step"].model
+            state = steps["ofg_step"].state
+        else:
+            start = time.perf_counter()
+            config = jax_config(model_name, "ofg", inner_steps, batch, overrides)
+            model = config_lib.build_model(config, shape)
+            state = create_train_state(config, model, shape, 10 ** 6)
+            compile_times["init"] = time.perf_counter() - start
+        # A copy: the steps donate (and so delete) their state.
+        variables = jax.tree.map(jnp.copy, state.variables)
+        params = variables["params"]
 
-    pred_shape = (batch, *shape, len(shape))
-    refine_batch = jax.jit(jax.vmap(functools.partial(
-        refine, steps=inner_steps, learning_rate=INNER_LR)))
-    disp = jnp.zeros(pred_shape, jnp.float32)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    pair = jnp.stack([moving, fixed], axis=-1)
-    for key, fn, args in (("refine_s", refine_batch, (moving, fixed, disp)),
-                          ("forward_s", forward, (initial_variables, pair))):
+    jitted = {}
+    if "refine" in functions:
+        disp = jnp.zeros((batch, *shape, len(shape)), jnp.float32)
+        jitted["refine"] = (jax.jit(jax.vmap(functools.partial(
+            refine, steps=inner_steps, learning_rate=INNER_LR))), (moving, fixed, disp))
+    if "forward" in functions:
+        pair = jnp.stack([moving, fixed], axis=-1)
+        jitted["forward"] = (jax.jit(lambda v, x: model.apply(v, x, train=False)),
+                             (variables, pair))
+    for key, (fn, args) in jitted.items():
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_times[key] = time.perf_counter() - start
         calls[key] = lambda c=compiled, a=args: jax.block_until_ready(c(*a))
+    calls = {f: calls[f] for f in FUNCTIONS if f in calls}
 
     log(f"jax: timing {', '.join(calls)}, interleaved")
-    result, times, _ = interleaved_seconds(calls, repeats, warmup)
+    result = _timed(calls, repeats, warmup)
     result["compile_s"] = sum(compile_times.values())
     result["compile_breakdown_s"] = compile_times
-    result["ofg_over_unsupervised"] = result["ofg_step_s"] / result["unsupervised_step_s"]
-    result["times_s"] = times
+    if "ofg_step_s" in result and "unsupervised_step_s" in result:
+        result["ofg_over_unsupervised"] = (result["ofg_step_s"]
+                                           / result["unsupervised_step_s"])
     result["device"] = f"{device.platform}: {device.device_kind}"
-    result["peak_mb"] = jax_peak_mb(device)
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:  # not resettable: the whole process
+        result["peak_mb"] = result["process_peak_mb"] = stats["peak_bytes_in_use"] / 2 ** 20
     if breakdown:
-        result["breakdown"] = jax_step_breakdown(model, ofg_step.state.params, moving,
-                                                 fixed, inner_steps, repeats, warmup)
+        result["breakdown"] = jax_step_breakdown(model, params, moving, fixed,
+                                                 inner_steps, repeats, warmup)
     return result
 
 
-def jax_peak_mb(device) -> float:
-    """Peak device memory on an accelerator, the process's peak RSS on CPU."""
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "peak_bytes_in_use" in stats:
-        return stats["peak_bytes_in_use"] / 2 ** 20
-    return peak_rss_mb()
+def _timed(calls: dict, repeats: int, warmup: int) -> dict:
+    """Interleaved medians of ``calls`` (keys ``<function>_s``), all timings and
+    the peak RSS of the timed calls (``peak_mb``) and of the process."""
+    setup_peak = peak_rss_mb()
+    medians, times, _ = interleaved_seconds(calls, repeats, warmup,
+                                            on_timed_start=reset_peak_rss)
+    result = {f"{key}_s": value for key, value in medians.items()}
+    result["times_s"] = times
+    result["peak_mb"] = peak_rss_mb()
+    result["process_peak_mb"] = max(setup_peak, result["peak_mb"])
+    return result
 
 
 def jax_step_breakdown(model, params, moving, fixed, inner_steps: int, repeats: int,
@@ -162,8 +225,9 @@ def jax_step_breakdown(model, params, moving, fixed, inner_steps: int, repeats: 
 # PyTorch.
 
 
-def run_torch(model_name: str, shape, batch: int, inner_steps: int, repeats: int,
-              warmup: int, compile_model: bool) -> dict:
+def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: int,
+              functions: Sequence[str], repeats: int, warmup: int,
+              compile_model: bool) -> dict:
     """Times the eager PyTorch baseline.
 
     With ``compile_model`` the network and the inner energy (warp, NCC, Grad) are
@@ -173,12 +237,10 @@ def run_torch(model_name: str, shape, batch: int, inner_steps: int, repeats: int
     import torch
     from experiments import torch_baseline as tb
 
-    if model_name != "voxelmorph":
-        raise ValueError(f"the PyTorch baseline has only voxelmorph, not {model_name!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    model = tb.VoxelMorph().to(device)
+    model = tb.network(model_name, shape, **options).to(device)
     optimizer = tb.make_optimizer(model)
     moving, fixed = (torch.from_numpy(x)[:, None].to(device)
                      for x in synthetic_batch(shape, batch))
@@ -189,37 +251,54 @@ def run_torch(model_name: str, shape, batch: int, inner_steps: int, repeats: int
         net, energy = torch.compile(model), torch.compile(tb.registration_energy)
     refine_kwargs = dict(steps=inner_steps, lr=INNER_LR, energy=energy)
 
-    def unsupervised():
+    def unsupervised_step():
         tb.train_step(net, optimizer, moving, fixed, mode="unsupervised")
         sync()
 
-    def ofg():
+    def ofg_step():
         tb.train_step(net, optimizer, moving, fixed, mode="ofg", **refine_kwargs)
         sync()
 
-    def refine_only():
+    def refine():
         tb.refine(moving, fixed, disp, **refine_kwargs)
         sync()
 
     def forward():
+        net.eval()
         with torch.no_grad():
             net(pair)
         sync()
 
+    every = {"unsupervised_step": unsupervised_step, "ofg_step": ofg_step,
+             "refine": refine, "forward": forward}
+    calls = {f: every[f] for f in FUNCTIONS if f in functions}
     name = "torch_compile" if compile_model else "torch"
-    log(f"{name}: timing {', '.join(TIMED_KEYS)}, interleaved")
-    result, times, first_call = interleaved_seconds(
-        dict(zip(TIMED_KEYS, (unsupervised, ofg, refine_only, forward))), repeats, warmup)
+    log(f"{name}: timing {', '.join(calls)}, interleaved")
+
+    def timed_start():
+        reset_peak_rss()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    setup_peak = peak_rss_mb()
+    medians, times, first_call = interleaved_seconds(calls, repeats, warmup,
+                                                     on_timed_start=timed_start)
+    result = {f"{key}_s": value for key, value in medians.items()}
+    result["times_s"] = times
     if compile_model:
         # Compilation happens inside the first calls: their excess over the median.
-        result["compile_s"] = sum(max(first_call[k] - result[k], 0.0) for k in TIMED_KEYS)
+        result["compile_s"] = sum(max(first_call[k] - medians[k], 0.0) for k in calls)
     else:
         result["compile_s"] = None
-    result["times_s"] = times
     result["device"] = (torch.cuda.get_device_name() if device.type == "cuda"
                         else f"cpu: {torch.get_num_threads()} threads")
-    result["peak_mb"] = (torch.cuda.max_memory_allocated() / 2 ** 20
-                         if device.type == "cuda" else peak_rss_mb())
+    if device.type == "cuda":
+        result["peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["process_peak_mb"] = None
+    else:
+        result["peak_mb"] = peak_rss_mb()
+        result["process_peak_mb"] = max(setup_peak, result["peak_mb"])
+    result["parameters"] = sum(p.numel() for p in model.parameters())
     return result
 
 
@@ -230,28 +309,37 @@ def run_torch(model_name: str, shape, batch: int, inner_steps: int, repeats: int
 def run_worker(args) -> None:
     """Runs one framework in this process and writes its result to --worker-out."""
     shape = parse_shape(args.shape)
+    functions = args.functions.split(",")
     if args.worker == "jax":
-        result = run_jax(args.models, shape, args.batch, args.inner_steps, args.repeats,
-                         args.warmup, args.breakdown)
+        result = run_jax(args.models, args.set, shape, args.batch, args.inner_steps,
+                         functions, args.repeats, args.warmup, args.breakdown)
     else:
-        result = run_torch(args.models, shape, args.batch, args.inner_steps,
-                           args.torch_repeats, args.torch_warmup,
+        options = {k: tuple(v) if isinstance(v, list) else v
+                   for k, v in json.loads(args.options or "{}").items()}
+        result = run_torch(args.models, options, shape, args.batch, args.inner_steps,
+                           functions, args.torch_repeats, args.torch_warmup,
                            args.worker == "torch_compile")
     with open(args.worker_out, "w") as f:
         json.dump(result, f)
 
 
-def spawn_worker(framework: str, model_name: str, args) -> dict:
+def spawn_worker(framework: str, model_name: str, functions: Sequence[str],
+                 overrides: Sequence[str], options: Optional[dict], args,
+                 breakdown: bool) -> dict:
     """Runs one framework in a fresh subprocess; ``{"error": ...}`` if it fails."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         command = [sys.executable, "-m", "experiments.benchmark", "--worker", framework,
-                   "--worker-out", out, "--models", model_name, "--shape", args.shape,
+                   "--worker-out", out, "--models", model_name,
+                   "--functions", ",".join(functions), "--shape", args.shape,
                    "--batch", str(args.batch), "--inner-steps", str(args.inner_steps),
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                    "--torch-repeats", str(args.torch_repeats),
-                   "--torch-warmup", str(args.torch_warmup)]
-        if args.breakdown:
+                   "--torch-warmup", str(args.torch_warmup),
+                   "--options", json.dumps(options or {})]
+        for override in overrides:
+            command += ["--set", override]
+        if breakdown:
             command.append("--breakdown")
         # The worker's log is passed through as it comes; its last line names the
         # exception if the worker fails.
@@ -269,22 +357,97 @@ def spawn_worker(framework: str, model_name: str, args) -> dict:
             return json.load(f)
 
 
-def benchmark(model_name: str, args) -> dict:
-    """JAX and PyTorch (and optionally torch.compile) results for one model."""
+def _merge_isolated(parts: dict) -> dict:
+    """One framework's result from one worker per function."""
+    merged = {"times_s": {}, "compile_s": None, "compile_breakdown_s": {}}
+    errors = []
+    for function, part in parts.items():
+        if "error" in part:
+            errors.append(f"{function}: {part['error']}")
+            continue
+        merged[f"{function}_s"] = part[f"{function}_s"]
+        merged[f"{function}_peak_mb"] = part["peak_mb"]
+        merged[f"{function}_process_peak_mb"] = part.get("process_peak_mb")
+        merged["times_s"].update(part["times_s"])
+        if part.get("compile_s") is not None:
+            merged["compile_s"] = (merged["compile_s"] or 0.0) + part["compile_s"]
+        merged["compile_breakdown_s"].update(part.get("compile_breakdown_s", {}))
+        for key in ("device", "parameters", "breakdown"):
+            if key in part:
+                merged[key] = part[key]
+    peaks = [merged[f"{f}_peak_mb"] for f in parts if f"{f}_peak_mb" in merged]
+    if peaks:
+        merged["peak_mb"] = max(peaks)
+    if "ofg_step_s" in merged and "unsupervised_step_s" in merged:
+        merged["ofg_over_unsupervised"] = merged["ofg_step_s"] / merged["unsupervised_step_s"]
+    if errors:
+        merged["error"] = "; ".join(errors)
+    return merged
+
+
+def parse_sets(sets: Sequence[str], models: Sequence[str]) -> dict[str, list[str]]:
+    """``--set`` values -> the overrides of each model (``NAME:KEY=VALUE`` for one)."""
+    per_model = {name: [] for name in models}
+    for item in sets:
+        head = item.split("=", 1)[0]
+        if ":" in head:
+            name, override = item.split(":", 1)
+            if name not in per_model:
+                raise ValueError(f"--set {item!r} names {name!r}, which is not in --models")
+            per_model[name].append(override)
+        else:
+            for overrides in per_model.values():
+                overrides.append(item)
+    return per_model
+
+
+def benchmark(model_name: str, overrides: Sequence[str], args,
+              shared: Optional[dict] = None) -> dict:
+    """The record of one network: every framework, every function.
+
+    ``shared``: per framework, the result of an earlier network whose
+    network-independent functions (``refine``) this record copies instead of
+    measuring them again; filled by this call when empty.
+    """
+    shared = {} if shared is None else shared
     record = {"shape": list(parse_shape(args.shape)), "model": model_name,
-              "batch": args.batch, "inner_steps": args.inner_steps,
+              "overrides": list(overrides), "batch": args.batch,
+              "inner_steps": args.inner_steps, "isolate": args.isolate,
               "repeats": args.repeats, "warmup": args.warmup,
               "torch_repeats": args.torch_repeats, "torch_warmup": args.torch_warmup,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "load_average_before": list(os.getloadavg())}
-    frameworks = ["jax", "torch"] + (["torch_compile"] if args.torch_compile else [])
-    for framework in frameworks:
+    try:
+        options = model_options(model_name, overrides)
+        record["options"] = options
+    except Exception as e:  # reported in the record, as a failing worker is
+        options = None
+        log(f"{model_name}: no options: {e}")
+    for framework in args.frameworks:
         log(f"== {model_name} {args.shape}: {framework}")
-        result = spawn_worker(framework, model_name, args)
-        if framework == "jax" and "breakdown" in result:
+        reuse = shared.get(framework)
+        functions = [f for f in args.functions
+                     if not (reuse and f in NETWORK_INDEPENDENT and f"{f}_s" in reuse)]
+        breakdown = args.breakdown and framework == "jax"
+        if args.isolate:
+            parts = {f: spawn_worker(framework, model_name, [f], overrides, options, args,
+                                     breakdown and f == "ofg_step") for f in functions}
+            result = _merge_isolated(parts)
+        else:
+            result = spawn_worker(framework, model_name, functions, overrides, options,
+                                  args, breakdown)
+        if reuse:
+            for f in NETWORK_INDEPENDENT:
+                for key in (f"{f}_s", f"{f}_peak_mb"):
+                    if key in reuse and key not in result:
+                        result[key] = reuse[key]
+                result[f"{f}_from"] = reuse["model"]
+        elif "error" not in result:
+            shared[framework] = dict(result, model=model_name)
+        if "breakdown" in result:
             record["jax_breakdown"] = result.pop("breakdown")
         record[framework] = result
-    devices = [record[f]["device"] for f in frameworks if "device" in record[f]]
+    devices = [record[f]["device"] for f in args.frameworks if "device" in record[f]]
     record["device"] = (devices[0] if devices and not devices[0].startswith("cpu")
                         else f"cpu: {cpu_description()}")
     record["load_average_after"] = list(os.getloadavg())
@@ -307,29 +470,44 @@ def _torch_repeats(record: dict) -> str:
 
 def format_table(record: dict) -> str:
     """A readable table of one record, with torch/jax ratios."""
-    others = [f for f in ("torch", "torch_compile") if f in record]
-    header = ["", "jax"]
+    frameworks = [f for f in FRAMEWORKS if f in record]
+    base = "jax" if "jax" in record else frameworks[0]
+    others = [f for f in frameworks if f != base]
+    header = ["", base]
     for f in others:
-        header += [f, f"{f}/jax"]
+        header += [f, f"{f}/{base}"]
     rows = [header]
-    jax_result = record["jax"]
-    for key in RESULT_KEYS:
-        row = [key, _fmt(jax_result.get(key))]
+    ref_result = record[base]
+    keys = list(TIMED_KEYS) + ["compile_s"]
+    if any(k in record[f] for f in frameworks for k in PEAK_KEYS):
+        keys += [k for k in PEAK_KEYS if any(k in record[f] for f in frameworks)]
+    else:
+        keys.append("peak_mb")
+    keys = [k for k in keys if any(record[f].get(k) is not None for f in frameworks)
+            or k in ("compile_s",)]
+    for key in keys:
+        row = [key, _fmt(ref_result.get(key))]
         for f in others:
             value = record[f].get(key)
-            ref = jax_result.get(key)
+            ref = ref_result.get(key)
             ratio = value / ref if value is not None and ref else None
             row += [_fmt(value), "-" if ratio is None else f"{ratio:.2f}x"]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"{record['model']} {'x'.join(map(str, record['shape']))}, batch "
+    options = "".join(f", {o}" for o in record.get("overrides", []))
+    lines = [f"{record['model']}{options} {'x'.join(map(str, record['shape']))}, batch "
              f"{record['batch']}, {record['inner_steps']} inner steps, median of "
-             f"{record['repeats']}{_torch_repeats(record)}; {record['device']}"]
+             f"{record['repeats']}{_torch_repeats(record)}"
+             f"{', one process per function' if record.get('isolate') else ''}; "
+             f"{record['device']}"]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-    if "ofg_over_unsupervised" in jax_result:
-        lines.append(f"jax OFG step / unsupervised step: "
-                     f"{jax_result['ofg_over_unsupervised']:.2f}")
-    for f in ("jax",) + tuple(others):
+    if "ofg_over_unsupervised" in ref_result:
+        lines.append(f"{base} OFG step / unsupervised step: "
+                     f"{ref_result['ofg_over_unsupervised']:.2f}")
+    shared_from = {ref_result.get(f"{f}_from") for f in NETWORK_INDEPENDENT} - {None}
+    if shared_from:
+        lines.append(f"refine (network-independent) measured with {', '.join(shared_from)}")
+    for f in frameworks:
         if "error" in record[f]:
             lines.append(f"{f} failed: {record[f]['error']}")
     if "jax_breakdown" in record:
@@ -338,7 +516,7 @@ def format_table(record: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> list:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="64,64,64", help="volume size D,H,W")
     parser.add_argument("--inner-steps", type=int, default=10,
@@ -353,15 +531,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--models", default="voxelmorph",
                         help="comma-separated ofg_jax.models names")
+    parser.add_argument("--set", action="append", default=[], metavar="[NAME:]KEY=VALUE",
+                        help="config override for every network, or for network NAME; "
+                             "repeatable")
+    parser.add_argument("--frameworks", default="jax,torch",
+                        help=f"comma-separated, from {', '.join(FRAMEWORKS)}")
     parser.add_argument("--torch-compile", action="store_true",
                         help="also time the baseline under torch.compile")
+    parser.add_argument("--isolate", action="store_true",
+                        help="one process per function: a peak memory for each")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the parts of the JAX OFG step")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    parser.add_argument("--functions", default=",".join(FUNCTIONS),
+                        help=f"comma-separated, from {', '.join(FUNCTIONS)} (default: all)")
+    parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    parse_shape(args.shape)
+    try:
+        parse_shape(args.shape)
+    except ValueError as e:
+        parser.error(str(e))
     args.torch_repeats = args.repeats if args.torch_repeats is None else args.torch_repeats
     args.torch_warmup = args.warmup if args.torch_warmup is None else args.torch_warmup
     for name, value, low in (("--inner-steps", args.inner_steps, 0),
@@ -373,16 +564,36 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             parser.error(f"{name} must be >= {low}, got {value}")
     if args.worker:
         run_worker(args)
-        return
+        return []
 
-    records = [benchmark(name.strip(), args) for name in args.models.split(",")]
-    for record in records:
-        print(format_table(record))
-        print()
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+    functions = [f.strip() for f in args.functions.split(",") if f.strip()]
+    unknown = [f for f in functions if f not in FUNCTIONS]
+    if unknown or not functions:
+        parser.error(f"--functions: unknown {unknown}; valid: {', '.join(FUNCTIONS)}")
+    args.functions = [f for f in FUNCTIONS if f in functions]
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if args.torch_compile and "torch_compile" not in frameworks:
+        frameworks.append("torch_compile")
+    unknown = [f for f in frameworks if f not in FRAMEWORKS]
+    if unknown or not frameworks:
+        parser.error(f"--frameworks: unknown {unknown}; valid: {', '.join(FRAMEWORKS)}")
+    args.frameworks = frameworks
+    models = [name.strip() for name in args.models.split(",") if name.strip()]
+    try:
+        per_model = parse_sets(args.set, models)
+    except ValueError as e:
+        parser.error(str(e))
+    shared: dict = {}
+    records = []
+    for name in models:
+        records.append(benchmark(name, per_model[name], args, shared))
+        print(format_table(records[-1]), flush=True)
+        print(flush=True)
+        if args.out:  # after every network: a long run keeps what it has
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+    return records
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import platform
 import resource
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -40,7 +40,8 @@ def synthetic_batch(shape: Sequence[int], batch: int, seed: int = 0):
 
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int,
-                        warmup: int) -> tuple[dict, dict, dict]:
+                        warmup: int, on_timed_start: Optional[Callable[[], object]] = None
+                        ) -> tuple[dict, dict, dict]:
     """Median wall time of each ``fn()``, the functions called in turn.
 
     ``warmup`` untimed rounds, then ``repeats`` timed rounds; each round calls
@@ -48,12 +49,17 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int,
     on all of them alike and their ratios stay meaningful. ``fn`` must return only
     when its work is done (block on device outputs).
 
+    ``on_timed_start()``, if given, is called once between the warm-up and the
+    timed rounds (e.g. :func:`reset_peak_rss`).
+
     Returns ``(medians, all timings, first-call times)``; with ``warmup=0`` the
     first calls are also the first timed ones.
     """
     times = {key: [] for key in fns}
     first = {}
     for round_ in range(warmup + repeats):
+        if round_ == warmup and on_timed_start is not None:
+            on_timed_start()
         for key, fn in fns.items():
             start = time.perf_counter()
             fn()
@@ -66,8 +72,34 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int,
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process, in MiB.
+
+    Since the last :func:`reset_peak_rss` where that worked (Linux ``VmHWM``),
+    else since the process started (``getrusage``; Linux reports KiB).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Sets this process's peak RSS to its current RSS; False where that is unsupported.
+
+    Linux: writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM``, so that
+    :func:`peak_rss_mb` measures what follows (the timed calls) and not what came
+    before (imports, compilation, building the inputs).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_description() -> str:

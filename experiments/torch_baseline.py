@@ -4,17 +4,24 @@ A from-scratch PyTorch baseline written from ``REFERENCE.md``: the spatial
 transformer (``grid_sample``), the dense-convolution local NCC, the Grad
 regulariser and the per-pair ``Adam(amsgrad=True)`` inner loop. It is the speed
 baseline of ``experiments/benchmark.py`` and the independent reference of the
-parity tests. Also the reference's VoxelMorph network and its two training
-steps: unsupervised (``-NCC + 1.0 * Grad``) and OFG (``MSE`` to the refined field
-``+ 0.02 * Grad``), each followed by an ``Adam(amsgrad=True)`` update.
+parity tests. Also the reference's VoxelMorph network and the two training
+steps of any registration network (``network``: VoxelMorph here, ViT-V-Net and
+TransMorph from ``experiments.torch_networks``): unsupervised (``-NCC + 1.0 *
+Grad``) and OFG (``MSE`` to the refined field ``+ 0.02 * Grad``), each followed
+by an ``Adam(amsgrad=True)`` update. The inner loop and the losses do not depend
+on the network.
 
 Shapes: images ``(B, 1, *S)``, displacements ``(B, N, *S)`` in voxels, channel
 ``k`` moving along spatial axis ``k``.
 """
 
+from typing import Any, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+NETWORKS = ("voxelmorph", "vitvnet", "transmorph")
 
 
 def spatial_transform(image: torch.Tensor, disp: torch.Tensor,
@@ -187,6 +194,32 @@ def load_flax_convs(model: VoxelMorph, convs) -> None:
             layer.bias.copy_(torch.as_tensor(np.array(bias)))
 
 
+def network(name: str, img_size: Sequence[int], **options: Any) -> torch.nn.Module:
+    """The PyTorch network ``name`` (one of :data:`NETWORKS`) for ``img_size``.
+
+    ``options`` are the architecture options of the ``ofg_jax.models`` network of
+    the same name (``window_size``, ``embed_dim``, ...; the JAX-only ``dtype``,
+    ``conv_impl`` and ``remat`` are ignored). VoxelMorph has the reference's fixed
+    widths: options that differ from them raise ``ValueError``.
+    """
+    options = {k: v for k, v in options.items() if k not in ("dtype", "conv_impl", "remat")}
+    if name == "voxelmorph":
+        reference = {"enc_features": ENCODER_FEATURES, "dec_features": DECODER_FEATURES,
+                     "final_features": FULL_RES_FEATURES}
+        differ = sorted(k for k, v in options.items()
+                        if (k in reference and tuple(v) != reference[k])
+                        or (k == "diffeomorphic" and v))
+        if differ:
+            raise ValueError(f"the PyTorch VoxelMorph has the reference architecture only; "
+                             f"cannot set {differ}")
+        return VoxelMorph()
+    from experiments import torch_networks
+    classes = {"vitvnet": torch_networks.ViTVNet, "transmorph": torch_networks.TransMorph}
+    if name not in classes:
+        raise ValueError(f"no PyTorch baseline of {name!r}; valid: {', '.join(NETWORKS)}")
+    return classes[name](tuple(img_size), **options)
+
+
 def make_optimizer(model: torch.nn.Module, lr: float = 1e-4,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The reference's outer optimiser: ``Adam(lr, amsgrad=True)``."""
@@ -218,8 +251,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     ``mode="ofg"``: :func:`ofg_training_loss` (Grad weight 0.02) with
     ``refine_kwargs`` forwarded to :func:`refine`; ``mode="unsupervised"``:
-    :func:`unsupervised_loss` (Grad weight 1.0).
+    :func:`unsupervised_loss` (Grad weight 1.0). ``model`` is put in training
+    mode (dropout, drop path and BatchNorm batch statistics, as ``train=True`` in
+    ``ofg_jax``).
     """
+    model.train()
     optimizer.zero_grad()
     pred = model(torch.cat([moving, fixed], dim=1))
     if mode == "ofg":

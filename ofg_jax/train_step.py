@@ -61,7 +61,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
 
     The network's parameters come from ``PRNGKey(config.seed)``; the model
     learning rate is ``train.learning_rate`` decayed by epoch (``poly_lr``).
+    With ``train.remat`` the state's ``apply_fn`` (what :func:`train_step` runs)
+    is the network with its stages rematerialised (``RegistrationNetwork.remat``):
+    the same parameters, values and gradients, less memory in the backward pass.
     """
+    apply_model = model.clone(remat=True) if config.train.get("remat", False) else model
     tx = torch_adam(
         make_lr_schedule(config.train.learning_rate, config.train.epochs,
                          steps_per_epoch),
@@ -78,7 +82,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
                 f"model {config.model.name!r} has variable collections "
                 f"{sorted(extra)} besides 'params' and 'batch_stats'; the train step "
                 "does not update them")
-        state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+        state = TrainState.create(apply_fn=apply_model.apply, params=variables["params"],
                                   tx=tx, rng=dropout_key,
                                   batch_stats=variables.get("batch_stats", {}))
         # An int32 array rather than Python's 0: the first train step then sees
@@ -128,30 +132,36 @@ def train_step(state: TrainState, batch: Batch, *, mode: str, reg_weight: float,
     else:
         extra = {}
 
-    def loss_fn(params):
-        pair = jnp.stack([moving, fixed], axis=-1)
+    pair = jnp.stack([moving, fixed], axis=-1)
+
+    def predict(params):
         variables = {**state.variables, "params": params}
         if state.batch_stats:  # BatchNorm uses and updates the batch statistics.
             pred, updates = state.apply_fn(variables, pair, train=True,
                                            rngs={"dropout": dropout_key},
                                            mutable=["batch_stats"])
-            batch_stats = updates["batch_stats"]
-        else:
-            pred = state.apply_fn(variables, pair, train=True,
-                                  rngs={"dropout": dropout_key})
-            batch_stats = state.batch_stats
-        targets = batch.get("target")
-        if mode == "ofg" and targets is None:
-            targets = jax.vmap(refiner, in_axes=(0, 0, 0, None))(
-                moving, fixed, pred, ofg_lr)
-        loss, terms = registration_loss(
+            return pred, updates["batch_stats"]
+        pred = state.apply_fn(variables, pair, train=True, rngs={"dropout": dropout_key})
+        return pred, state.batch_stats
+
+    pred, backward, batch_stats = jax.vjp(predict, state.params, has_aux=True)
+    targets = batch.get("target")
+    if mode == "ofg" and targets is None:
+        targets = jax.vmap(refiner, in_axes=(0, 0, 0, None))(moving, fixed, pred, ofg_lr)
+        # The loss and the network's backward pass start after the refinement:
+        # XLA would otherwise schedule parts of them (with train.remat, the
+        # recomputed stages) during the inner loop, where the forward pass's
+        # residuals and the inner loop's buffers are live anyway.
+        backward, pred, targets = _after_each_other(backward, pred, targets)
+
+    def loss_of_pred(pred):
+        return registration_loss(
             pred, moving, fixed, mode=mode, reg_weight=reg_weight,
             similarity=similarity, targets=targets,
             unsupervised_reg_weight=unsupervised_reg_weight, **extra)
-        return loss, (terms, batch_stats)
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, terms), pred_grad = jax.value_and_grad(loss_of_pred, has_aux=True)(pred)
+    (grads,) = backward(pred_grad)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     update_norm = optax.tree.norm(
         jax.tree.map(jnp.subtract, new_state.params, state.params))
@@ -163,6 +173,16 @@ def train_step(state: TrainState, batch: Batch, *, mode: str, reg_weight: float,
         "ofg_lr": ofg_lr,
     }
     return new_state, metrics
+
+
+def _after_each_other(*trees: Any) -> tuple[Any, ...]:
+    """``trees`` unchanged, but nothing that uses one of them runs before all exist.
+
+    (``lax.optimization_barrier`` on their leaves; a ``jax.vjp`` function is a
+    pytree of its residuals.)
+    """
+    leaves, treedef = jax.tree.flatten(trees)
+    return jax.tree.unflatten(treedef, jax.lax.optimization_barrier(leaves))
 
 
 def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -190,4 +210,19 @@ def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int,
         inner_lr=make_lr_schedule(config.ofg.learning_rate, epochs, steps_per_epoch),
         refiner=refiner, intensity=Intensity.from_config(config.ofg),
         epoch_of=lambda count: epoch_of_step(count, steps_per_epoch, epochs))
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=_compiler_options())
+
+
+def _compiler_options() -> Optional[dict[str, str]]:
+    """XLA options of the train step: on CPU, keep the optimisation barriers.
+
+    XLA:CPU turns ``optimization_barrier`` into a plain tuple before its
+    common-subexpression elimination, which then merges every rematerialised
+    stage (``train.remat``) with its forward pass, undoing it, and frees the
+    scheduler to start the backward pass inside the inner loop
+    (``_after_each_other``). The CPU backend runs the barriers as they are.
+    Other backends keep them anyway.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    return {"xla_disable_hlo_passes": "cse_barrier_expander"}

@@ -140,3 +140,53 @@ def test_bench_models_times_each_entry(tmp_path):
         assert r["params"] == 274387
         assert len(r["forward_s"]) == len(r["forward_backward_s"]) == 2
         assert all(t > 0 for t in r["forward_s"] + r["forward_backward_s"])
+
+
+def test_isolated_functions_and_two_networks(tmp_path):
+    """--isolate: one process per function, a peak for each; refine measured once."""
+    out = tmp_path / "two.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    tiny_vit = ["--set", "vitvnet:model.encoder_channels=(4,4,4)",
+                "--set", "vitvnet:model.hidden_size=8", "--set", "vitvnet:model.num_layers=1",
+                "--set", "vitvnet:model.num_heads=2", "--set", "vitvnet:model.mlp_dim=8",
+                "--set", "vitvnet:model.conv_first_channel=8",
+                "--set", "vitvnet:model.decoder_channels=(8,8,4,4,4)"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--shape", "64,32,32",
+         "--inner-steps", "1", "--repeats", "1", "--models", "voxelmorph,vitvnet",
+         "--isolate", "--out", str(out), *tiny_vit],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        vm, vit = json.load(f)
+    assert vit["options"]["hidden_size"] == 8 and vm["options"]["enc_features"] == [8, 32, 32, 32]
+    for record in (vm, vit):
+        for framework in ("jax", "torch"):
+            result = record[framework]
+            assert "error" not in result, result.get("error")
+            for key in benchmark.TIMED_KEYS + benchmark.PEAK_KEYS:
+                assert math.isfinite(result[key]) and result[key] > 0, (framework, key)
+            assert result["peak_mb"] == max(result[k] for k in benchmark.PEAK_KEYS)
+    # refine does not depend on the network: measured with the first, copied.
+    assert vit["jax"]["refine_s"] == vm["jax"]["refine_s"]
+    assert vit["torch"]["refine_from"] == "voxelmorph"
+    assert vit["torch"]["parameters"] > 0
+    assert "ofg_step_peak_mb" in proc.stdout
+
+
+def test_set_names_a_network_or_all():
+    per_model = benchmark.parse_sets(["train.remat=True", "vitvnet:model.num_layers=2"],
+                                     ["voxelmorph", "vitvnet"])
+    assert per_model == {"voxelmorph": ["train.remat=True"],
+                         "vitvnet": ["train.remat=True", "model.num_layers=2"]}
+    with pytest.raises(ValueError, match="transmorph"):
+        benchmark.parse_sets(["transmorph:model.embed_dim=8"], ["voxelmorph"])
+
+
+def test_memory_report_prints_xla_buffer_sizes(capsys):
+    from experiments import memory_report
+    results = memory_report.main(["--shape", "16,16,16", "--functions", "ofg_step",
+                                  "--inner-steps", "1"])
+    stats = results[("voxelmorph", "ofg_step")]
+    assert stats["temp_mb"] > 0 and stats["alias_mb"] > 0  # the state is donated
+    assert "voxelmorph ofg_step 16x16x16" in capsys.readouterr().out

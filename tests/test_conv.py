@@ -83,6 +83,11 @@ def test_gradients_match_xla(case):
     assert _rel_err(dk, dk_ref) < 1e-5
 
 
+def _conv_and_grads(x, kernel, cotangent, impl):
+    y, vjp = jax.vjp(lambda x, k: conv3d(x, k, 1, kernel.shape[0] // 2, impl=impl), x, kernel)
+    return (y, *jax.jit(vjp)(cotangent))
+
+
 def test_chunked_loops_match_xla(monkeypatch):
     """Large volumes go through loops over chunks; force them on a small one."""
     monkeypatch.setattr(layers, "_CHUNK_BYTES", 20_000)
@@ -91,18 +96,68 @@ def test_chunked_loops_match_xla(monkeypatch):
     fori_loop = jax.lax.fori_loop
     monkeypatch.setattr(layers.lax, "fori_loop",
                         lambda *args, **kw: loops.append(args[:2]) or fori_loop(*args, **kw))
-    case = (2, (11, 8, 6), 3, 4, 3, 1, 1)
+    case = (2, (23, 8, 6), 3, 4, 3, 1, 1)
     x, kernel = _inputs(case, seed=9)
-    fast = lambda x, k: conv3d(x, k, 1, 1, impl="cpu")
-    y, vjp = jax.vjp(fast, x, kernel)
-    cotangent = jnp.asarray(np.random.default_rng(10).standard_normal(y.shape), jnp.float32)
-    grads = jax.jit(vjp)(cotangent)
-    # The forward, input-gradient and kernel-gradient passes each looped over chunks.
-    assert len(loops) >= 3 and all(stop - start > 1 for start, stop in loops), loops
-    y_ref, vjp_ref = jax.vjp(lambda x, k: _xla_conv3d(x, k, 1, 1), x, kernel)
-    assert _rel_err(y, y_ref) < 1e-5
-    for got, want in zip(grads, vjp_ref(cotangent)):
-        assert _rel_err(got, want) < 1e-5
+    cotangent = jnp.asarray(np.random.default_rng(10).standard_normal((2, 23, 8, 6, 4)),
+                            jnp.float32)
+    got = _conv_and_grads(x, kernel, cotangent, "cpu")
+    # The forward and input-gradient passes each looped over chunks, the kernel
+    # gradient once per sample.
+    assert len(loops) >= 4 and all(stop - start > 1 for start, stop in loops), loops
+    for g, want in zip(got, _conv_and_grads(x, kernel, cotangent, "xla")):
+        assert _rel_err(g, want) < 1e-5
+
+
+# (depth, kernel, chunk budget in bytes): chunks at the ends only, a last chunk
+# shorter than the halo, depth below the kernel, a 5^3 and a 1x1x1 kernel.
+EDGE_PLANS = [(3, 3, 2_000), (10, 3, 2_000), (9, 3, 5_000), (12, 5, 3_000),
+              (2, 3, 1_000), (7, 1, 1_500)]
+
+
+@pytest.mark.parametrize("depth, k, budget", EDGE_PLANS)
+def test_chunk_edges_match_xla(monkeypatch, depth, k, budget):
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", budget)
+    monkeypatch.setattr(layers, "_MIN_CHUNK_ROWS", 10)
+    x, kernel = _inputs((1, (depth, 5, 6), 2, 3, k, 1, k // 2), seed=11)
+    cotangent = jnp.asarray(np.random.default_rng(12).standard_normal((1, depth, 5, 6, 3)),
+                            jnp.float32)
+    got = _conv_and_grads(x, kernel, cotangent, "cpu")
+    for g, want in zip(got, _conv_and_grads(x, kernel, cotangent, "xla")):
+        assert _rel_err(g, want) < 1e-5
+
+
+def test_chunk_plan_covers_every_slice_once():
+    for d in range(1, 30):
+        for chunk in range(1, d + 2):
+            for before, after in ((1, 1), (2, 2), (0, 1), (1, 2)):
+                edge, start, count = layers._chunk_plan(d, chunk, before, after)
+                slices = [s + i for s, n in edge for i in range(n)]
+                slices += list(range(start, start + count * chunk))
+                assert sorted(slices) == list(range(d))
+                assert count == 0 or count >= 2
+                # The loop's chunks read only inside the volume.
+                assert count == 0 or (start >= before
+                                      and start + count * chunk + after <= d)
+
+
+def test_large_volumes_need_no_copy_of_the_volume(monkeypatch):
+    """Forward and backward: nothing of the volume's size besides inputs and outputs.
+
+    The temporary buffers (XLA's buffer assignment) of the value and gradients
+    stay below half the input (a few slices' worth: the chunks), where padding or
+    stacking the volume needed five volumes.
+    """
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 40_000)
+    x = jax.ShapeDtypeStruct((1, 96, 24, 24, 8), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 3, 8, 8), jnp.float32)
+
+    def value_and_grads(x, kernel):
+        y, vjp = jax.vjp(lambda x, k: conv3d(x, k, 1, 1, impl="cpu"), x, kernel)
+        return y, vjp(y)
+
+    stats = jax.jit(value_and_grads).lower(x, kernel).compile().memory_analysis()
+    volume = 96 * 24 * 24 * 8 * 4
+    assert stats.temp_size_in_bytes < volume / 2, (stats.temp_size_in_bytes, volume)
 
 
 def test_second_layer_gradient_through_jit():

@@ -161,3 +161,65 @@ def test_one_training_step_matches_ofg_jax(mode):
         assert np.all(moved < 1.001 * lr) and np.mean(moved[~small]) > 0.9 * lr
         differ = np.abs(got - want) > 1e-3 * lr
         assert np.mean(differ) < 0.03 and np.all(small[differ])
+
+
+# Tiny transformers with dropout and drop path off, so that both frameworks
+# compute the same function in training mode.
+TRANSFORMERS = {
+    "vitvnet": ((64, 32, 32), dict(encoder_channels=(4, 4, 4), hidden_size=8, num_layers=1,
+                                   num_heads=2, mlp_dim=16, conv_first_channel=8,
+                                   decoder_channels=(8, 8, 4, 4, 4), dropout_rate=0.0)),
+    "transmorph": ((32, 32, 64), dict(embed_dim=8, depths=(1, 1, 1, 1),
+                                      num_heads=(2, 2, 2, 2), window_size=(1, 1, 2),
+                                      reg_head_chan=4, drop_path_rate=0.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_transformer_ofg_training_step_matches_ofg_jax(name):
+    """ViT-V-Net and TransMorph: one OFG step from the same weights, same loss and
+    gradient norm (ViT-V-Net's BatchNorm normalising with the batch statistics)."""
+    from experiments import torch_networks as tn
+    from ofg_jax import config as config_lib
+    from tests.test_torch_networks import _random_variables
+
+    size, options = TRANSFORMERS[name]
+    moving, fixed = smooth_images(size, seed=4)
+    config = config_lib.with_overrides(default.get_config(), {
+        "model.name": name, **{f"model.{k}": v for k, v in options.items()},
+        "train.mode": "ofg", "ofg.steps": 2})
+    model = config_lib.build_model(config, size)
+    pair = jnp.stack([moving, fixed], -1)[None]
+    variables = _random_variables(jax.eval_shape(model.init, jax.random.PRNGKey(0), pair),
+                                  seed=5)
+    tx = torch_adam(schedules.make_lr_schedule(config.train.learning_rate,
+                                               config.train.epochs, 10))
+    state = train_step.TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, rng=jax.random.PRNGKey(0),
+        batch_stats=variables.get("batch_stats", {}))
+    state = state.replace(step=jnp.zeros([], jnp.int32))
+
+    net = tb.network(name, size, **options)
+    tn.load_flax_params(net, variables)
+    optimizer = tb.make_optimizer(net, lr=config.train.learning_rate)
+    to_t = lambda a: torch.from_numpy(a)[None, None]
+    loss = tb.train_step(net, optimizer, to_t(moving), to_t(fixed), mode="ofg", steps=2,
+                         lr=config.ofg.learning_rate, reg_weight=config.ofg.reg_weight)
+    torch_grad_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))
+
+    old_stats = jax.tree.map(np.array, state.batch_stats)  # the step donates the state
+    step = train_step.make_train_step(config, 10, size)
+    new_state, metrics = step(state, {"moving": moving[None], "fixed": fixed[None]})
+    assert float(metrics["similarity"]) > 1e-4  # the refined field moved
+    assert float(loss) == pytest.approx(float(metrics["loss"]), rel=2e-4)
+    assert torch_grad_norm == pytest.approx(float(metrics["grad_norm"]), rel=1e-3)
+    if name == "vitvnet":  # training mode updated the running statistics alike
+        norm = net.decoder_4.conv_1.norm
+        stats = new_state.batch_stats["decoder_4"]["conv_1"]["norm"]
+        np.testing.assert_allclose(norm.running_mean.numpy(), stats["mean"], rtol=1e-4,
+                                   atol=1e-6)
+        n = np.prod(size)  # torch's running variance is the unbiased one
+        old = old_stats["decoder_4"]["conv_1"]["norm"]["var"]
+        np.testing.assert_allclose(
+            (norm.running_var.numpy() - 0.9 * old) * (n - 1) / n,
+            np.asarray(stats["var"]) - 0.9 * old, rtol=1e-4, atol=1e-6)

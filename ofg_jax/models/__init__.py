@@ -34,8 +34,9 @@ def options(name: str) -> dict[str, Any]:
     """
     if name not in NETWORKS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")
+    # ``remat`` is a training setting (``train.remat``), not an architecture option.
     return {field.name: field.default for field in dataclasses.fields(NETWORKS[name])
-            if field.name not in ("parent", "name", "img_size")}
+            if field.name not in ("parent", "name", "img_size", "remat")}
 
 
 def create(name: str, img_size: Sequence[int], **overrides) -> RegistrationNetwork:

@@ -19,6 +19,7 @@ Everything else, and every other backend (cuDNN on GPU), uses
 they agree with ``lax.conv_general_dilated`` to float32 rounding.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -101,10 +102,61 @@ def _patch_conv(x, kernel):
     return jnp.dot(patches, kernel.reshape(-1, o))
 
 
-# Intermediates above this size are processed in a loop over chunks, so that a
-# full-resolution layer needs O(input + output) memory.
+# Intermediates above this size are processed in a loop over chunks of depth
+# slices, so that a full-resolution layer needs its input, its output and
+# O(_CHUNK_BYTES) besides: nothing of the volume's size is padded or copied.
 _CHUNK_BYTES = 128 * 2 ** 20
 _MIN_CHUNK_ROWS = 4096
+
+
+def _chunk_plan(d, chunk, before, after):
+    """Splits the depth slices ``[0, d)`` into chunks of ``chunk`` (the last shorter).
+
+    A chunk ``[s, s + n)`` reads a halo ``[s - before, s + n + after)``. Returns
+    ``(edge, start, count)``: the chunks ``(s, n)`` whose halo leaves the volume
+    (done one by one, with zeros outside), and the run of ``count`` full chunks
+    from slice ``start`` whose halo stays inside (done in a loop).
+    """
+    chunks = [(s, min(chunk, d - s)) for s in range(0, d, chunk)]
+    inside = [s for s, n in chunks if s >= before and s + n + after <= d and n == chunk]
+    if len(inside) < 2:  # a loop of one is not worth its overhead
+        inside = []
+    edge = [(s, n) for s, n in chunks if s not in inside]
+    return edge, (inside[0] if inside else 0), len(inside)
+
+
+def _depth_window(v, sample, start, size):
+    """``v[sample, start:start + size]`` with zeros outside the depth range.
+
+    ``start`` is static (edge chunks, any range) or traced (loop chunks, which
+    stay inside the volume).
+    """
+    d, rest = v.shape[1], v.shape[2:]
+    if not isinstance(start, int):
+        return lax.dynamic_slice(v, (sample, start) + (0,) * len(rest),
+                                 (1, size) + rest)[0]
+    lo, hi = max(start, 0), min(start + size, d)
+    if hi <= lo:
+        return jnp.zeros((size,) + rest, v.dtype)
+    part = lax.slice_in_dim(v[sample], lo, hi, axis=0)
+    return jnp.pad(part, [(lo - start, start + size - hi)] + [(0, 0)] * len(rest))
+
+
+def _chunked(d, chunk, before, after, init, body):
+    """Folds ``body(acc, s, n)`` over the chunks of :func:`_chunk_plan`, in depth order.
+
+    Edge chunks get static ``s``; the inside run is a ``fori_loop`` with a traced
+    ``s`` (every chunk once, in increasing order, as a Python loop would).
+    """
+    edge, start, count = _chunk_plan(d, chunk, before, after)
+    acc = init
+    for s, n in [c for c in edge if c[0] < start or not count]:
+        acc = body(acc, s, n)
+    if count:
+        acc = lax.fori_loop(0, count, lambda i, a: body(a, start + i * chunk, chunk), acc)
+        for s, n in [c for c in edge if c[0] > start]:
+            acc = body(acc, s, n)
+    return acc
 
 
 def _depth_stacked_conv(x, kernel):
@@ -113,7 +165,9 @@ def _depth_stacked_conv(x, kernel):
     ``out[d] = sum_a conv2d(x[d + a - p], kernel[a])``: one 2D convolution of the
     depth slices with the ``k`` depth taps stacked on its output channels, then
     each tap's output added ``a - p`` slices away. Large volumes go through a loop
-    over chunks of depth slices that accumulates into the output.
+    over chunks of input slices, each adding its taps to the output slices it
+    reaches (the chunks at the two ends, whose taps reach past the volume, are
+    done outside the loop).
     """
     b, d, h, w, c = x.shape
     k, o = kernel.shape[0], kernel.shape[4]
@@ -129,19 +183,37 @@ def _depth_stacked_conv(x, kernel):
                    for a in range(k))
 
     chunk = max(1, _CHUNK_BYTES // (b * h * w * k * o * x.dtype.itemsize))
-    if chunk >= d:
+    n = min(chunk, d - 2 * p)
+    if chunk >= d or n < 1:
         return taps(x)[:, p:p + d]
-    n_chunks = -(-d // chunk)
-    x = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - d), (0, 0), (0, 0), (0, 0)))
 
-    def body(i, out):
-        start = i * chunk
-        slab = lax.dynamic_slice_in_dim(out, start, chunk + 2 * p, axis=1)
-        slab = slab + taps(lax.dynamic_slice_in_dim(x, start, chunk, axis=1))
-        return lax.dynamic_update_slice_in_dim(out, slab, start, axis=1)
+    # Chunk i adds the taps of the input slices [s, s + n) (s = i n) to the output
+    # slices [s - p, s + n + p). Every chunk reads and writes windows that lie
+    # inside the volume, so that the output is updated in place: the last chunk
+    # reads the last n slices and zeroes those that the one before it read, and
+    # the windows of the first and last chunks' output are shifted inside, their
+    # taps rolled along and masked where they fall off the volume.
+    def add_chunk(i, out):
+        s = i * n
+        sx = jnp.minimum(s, d - n)
+        xs = lax.dynamic_slice_in_dim(x, sx, n, axis=1)
+        xs = jnp.where((sx + jnp.arange(n) >= s)[None, :, None, None, None], xs, 0)
+        c = jnp.clip(sx - p, 0, d - n - 2 * p)
+        y = jnp.roll(taps(xs), sx - p - c, axis=1)   # y[j] lands on slab row j + shift
+        src = c + jnp.arange(n + 2 * p) - (sx - p)
+        y = jnp.where(((src >= 0) & (src < n + 2 * p))[None, :, None, None, None], y, 0)
+        slab = lax.dynamic_slice_in_dim(out, c, n + 2 * p, axis=1)
+        return lax.dynamic_update_slice_in_dim(out, slab + y, c, axis=1)
 
-    out = jnp.zeros((b, n_chunks * chunk + 2 * p, h, w, o), x.dtype)
-    return lax.fori_loop(0, n_chunks, body, out)[:, p:p + d]
+    return lax.fori_loop(0, -(-d // n), add_chunk, jnp.zeros((b, d, h, w, o), x.dtype))
+
+
+def _tap_layout(h, w, k):
+    """``(p, S, offsets)`` of a volume padded by ``p = k // 2`` in H and W and
+    flattened: ``S`` rows per depth slice, and the row offset of each in-plane tap."""
+    p = k // 2
+    wp = w + 2 * p
+    return p, (h + 2 * p) * wp, [i * wp + j for i in range(k) for j in range(k)]
 
 
 def _kernel_grad(x, g, k):
@@ -153,44 +225,71 @@ def _kernel_grad(x, g, k):
     the same padded grid (zeros off the volume) with its ``k`` depth shifts stacked
     on the columns, so each in-plane tap is one product ``x_shifted^T @ g_stacked``
     of channels-last operands, which needs no transpose. Large volumes go through a
-    loop over chunks of rows.
+    loop over chunks of depth slices of ``x`` that pads and lays out only the chunk
+    (with one slice of ``x`` and ``p`` slices of ``g`` either side).
     """
     bsz, d, h, w, c = x.shape
     o = g.shape[4]
-    p = k // 2
-    wp, hp = w + 2 * p, h + 2 * p
-    plane = hp * wp
-    offsets = [i * wp + j for i in range(k) for j in range(k)]
+    p, plane, offsets = _tap_layout(h, w, k)
     halo = offsets[-1]
-    xf = jnp.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0))).reshape(-1, c)
-    rows = xf.shape[0] - halo
-    gf = jnp.pad(g, ((0, 0), (0, 2 * p), (0, 2 * p), (0, 2 * p), (0, 0))).reshape(-1, o)[:rows]
-    chunk = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // ((k * k * c + k * o) * x.dtype.itemsize))
-    n_chunks = -(-rows // chunk)
-    if n_chunks == 1:
-        chunk = rows
-    # Row r of the stacked gradient holds g[r - a * plane] for each depth tap a.
-    gf = jnp.pad(gf, (((k - 1) * plane, n_chunks * chunk - rows), (0, 0)))
-    xf = jnp.pad(xf, ((0, n_chunks * chunk - rows), (0, 0)))
     contract = (((0,), (0,)), ((), ()))
-
-    def chunk_grad(start):
-        xs = lax.dynamic_slice_in_dim(xf, start, chunk + halo)
-        gs = lax.dynamic_slice_in_dim(gf, start, chunk + (k - 1) * plane)
-        shift = (k - 1) * plane
-        g_stacked = jnp.concatenate(
-            [gs[shift - a * plane:shift - a * plane + chunk] for a in range(k)], axis=1)
-        return jnp.stack([lax.dot_general(xs[t:t + chunk], g_stacked, contract)
-                          for t in offsets])                            # (k*k, C, k*O)
-
-    if n_chunks == 1:
-        grad = chunk_grad(0)
+    itemsize = x.dtype.itemsize
+    rows = bsz * (d + 2 * p) * plane - halo
+    chunk = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // ((k * k * c + k * o) * itemsize))
+    if rows > chunk:
+        grad = _kernel_grad_chunked(x, g, k)
     else:
-        grad = lax.fori_loop(
-            0, n_chunks, lambda i, acc: acc + chunk_grad(i * chunk),
-            jnp.zeros((k * k, c, k * o), x.dtype))
+        # Small volumes: the whole padded volume at once.
+        xf = jnp.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0))).reshape(-1, c)
+        gf = jnp.pad(g, ((0, 0), (0, 2 * p), (0, 2 * p), (0, 2 * p), (0, 0))).reshape(-1, o)
+        # Row r of the stacked gradient holds g[r - a * plane] for each depth tap a.
+        gf = jnp.pad(gf[:rows], (((k - 1) * plane, 0), (0, 0)))
+        g_stacked = jnp.concatenate(
+            [gf[(k - 1 - a) * plane:(k - 1 - a) * plane + rows] for a in range(k)], axis=1)
+        grad = jnp.stack([lax.dot_general(xf[t:t + rows], g_stacked, contract)
+                          for t in offsets])                            # (k*k, C, k*O)
     grad = grad.reshape(k, k, c, k, o)                                  # (b, c, C, a, O)
     return grad.transpose(3, 0, 1, 2, 4).astype(x.dtype)
+
+
+def _kernel_grad_chunked(x, g, k):
+    """``_kernel_grad``'s ``(k*k, C, k*O)`` sums, by chunks of depth slices.
+
+    The rows of the padded volume that lie on the zero depth padding contribute
+    nothing and are skipped: for the slices ``[s, s + n)`` of ``x`` (padded in H
+    and W, flattened), row ``r`` of the product reads ``x`` rows ``r + t`` (``t <
+    S``: into the next slice) and the stacked gradient the ``g`` slices ``s - p
+    .. s + n + p - 1``.
+    """
+    # Nothing of the chunks' layout of x may be computed before g exists:
+    # XLA's scheduler would otherwise prepare the edge chunks of every layer at
+    # the start of the backward pass and keep them all.
+    x, g = lax.optimization_barrier((x, g))
+    bsz, d, h, w, c = x.shape
+    o = g.shape[4]
+    p, plane, offsets = _tap_layout(h, w, k)
+    halo = offsets[-1]
+    after = 1 if halo else 0
+    contract = (((0,), (0,)), ((), ()))
+    per_slice = plane * (k * k * c + k * o + c + o) * x.dtype.itemsize
+    chunk = max(1, _CHUNK_BYTES // per_slice)
+
+    def one_sample(sample):
+        def add_chunk(acc, s, n):
+            xs = _depth_window(x, sample, s, n + after)
+            xs = jnp.pad(xs, ((0, 0), (p, p), (p, p), (0, 0))).reshape(-1, c)
+            gs = _depth_window(g, sample, s - p, n + 2 * p)
+            gs = jnp.pad(gs, ((0, 0), (0, 2 * p), (0, 2 * p), (0, 0)))
+            # Row r (slice s + j) holds g[s + j + p - a] for each depth tap a.
+            g_stacked = jnp.concatenate(
+                [gs[2 * p - a:2 * p - a + n].reshape(-1, o) for a in range(k)], axis=1)
+            rows = n * plane
+            return acc + jnp.stack([lax.dot_general(xs[t:t + rows], g_stacked, contract)
+                                    for t in offsets])
+        return _chunked(d, chunk, p, max(p, after),
+                        jnp.zeros((k * k, c, k * o), x.dtype), add_chunk)
+
+    return sum(one_sample(i) for i in range(bsz))
 
 
 @jax.custom_vjp
@@ -204,12 +303,91 @@ def _conv_same_fwd(x, kernel):
 
 def _conv_same_bwd(res, g):
     x, kernel = res
+    g = g.astype(x.dtype)
+    dk = _kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)
+    if x.size * x.dtype.itemsize > _CHUNK_BYTES:
+        # The input gradient after the kernel gradient: the input, often kept
+        # only for this, can then be freed before the input gradient is
+        # allocated. (Small volumes skip this, which keeps their rounding: the
+        # barrier changes how XLA fuses the sums over g.)
+        dk, g = lax.optimization_barrier((dk, g))
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
-    dx = _depth_stacked_conv(g.astype(x.dtype), flipped)
-    return dx, _kernel_grad(x, g.astype(x.dtype), kernel.shape[0]).astype(kernel.dtype)
+    return _depth_stacked_conv(g, flipped), dk
 
 
 _conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Activations whose gradient is taken from their output.
+#
+# The gradients of ReLU and LeakyReLU only need the sign of the input, which the
+# output has too. Autodiff of ``nn.relu`` / ``nn.leaky_relu`` keeps the input
+# alive for the backward pass, although the next layer keeps the output anyway:
+# at full resolution that is one feature map per layer more than needed. These
+# keep only the output. Values and gradients are the same as flax's.
+
+
+@jax.custom_vjp
+def relu(x: jax.Array) -> jax.Array:
+    """``nn.relu``, keeping only its output for the gradient (``g * (y > 0)``)."""
+    return jax.nn.relu(x)
+
+
+def _relu_fwd(x):
+    y = jax.nn.relu(x)
+    return y, y
+
+
+def _relu_bwd(y, g):
+    return (jnp.where(y > 0, g, jnp.zeros_like(g)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def leaky_relu(x: jax.Array, negative_slope: float) -> jax.Array:
+    """``nn.leaky_relu`` (``negative_slope > 0``), keeping only its output.
+
+    The gradient is ``g`` where ``y >= 0``, else ``negative_slope * g``, as
+    flax's, which tests the input instead: they differ only for negative inputs
+    so small (``|x| < ~1e-38 / negative_slope``) that ``negative_slope * x``
+    flushes or rounds to ``-0.0``.
+    """
+    return jax.nn.leaky_relu(x, negative_slope)
+
+
+def _leaky_relu_fwd(x, negative_slope):
+    y = jax.nn.leaky_relu(x, negative_slope)
+    return y, y
+
+
+def _leaky_relu_bwd(negative_slope, y, g):
+    return (jnp.where(y >= 0, g, negative_slope * g),)
+
+
+leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """``nn.gelu(x, approximate=False)`` (the erf form), keeping only ``x`` for the
+    gradient ``g * (Phi(x) + x * phi(x))``; autodiff keeps ``erf(x / sqrt 2)`` too."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))).astype(x.dtype))
+    pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / np.sqrt(2 * np.pi)).astype(x.dtype)
+    return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 # ---------------------------------------------------------------------------
@@ -252,6 +430,13 @@ class Conv3D(nn.Module):
         input's.
       param_dtype: parameter dtype.
       impl: see ``conv3d``.
+
+    The input may be a tuple of arrays: the convolution of their concatenation
+    along the channels (a skip connection). Above ``_CHUNK_BYTES`` the
+    concatenation is not built: the result is the sum of each part's
+    convolution with its slice of the kernel, so that neither the concatenated
+    input nor its gradient exists at full size (the same sums, added in another
+    order).
     """
 
     features: int
@@ -266,16 +451,27 @@ class Conv3D(nn.Module):
     impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``(B, D, H, W, C_in) -> (B, D', H', W', features)``."""
+    def __call__(self, x: Union[jax.Array, Sequence[jax.Array]]) -> jax.Array:
+        """``(B, D, H, W, C_in) -> (B, D', H', W', features)``; ``x`` may be a tuple
+        of ``(B, D, H, W, C_i)`` arrays with ``sum(C_i) = C_in``."""
         size = _triple(self.kernel_size, "kernel_size")
-        in_features = x.shape[-1]
+        parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        in_features = sum(part.shape[-1] for part in parts)
         fan_in = in_features * math.prod(size)
         kernel = self.param("kernel", self.kernel_init or torch_kernel_init(),
                             (*size, in_features, self.features), self.param_dtype)
-        dtype = self.dtype or x.dtype
-        y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.padding,
-                   self.impl)
+        dtype = self.dtype or parts[0].dtype
+        conv = lambda x, k: conv3d(x.astype(dtype), k.astype(dtype), self.strides,
+                                   self.padding, self.impl)
+        if len(parts) == 1:
+            y = conv(parts[0], kernel)
+        elif sum(part.size for part in parts) * jnp.dtype(dtype).itemsize <= _CHUNK_BYTES:
+            y = conv(jnp.concatenate(parts, axis=-1), kernel)
+        else:
+            starts = np.cumsum([0] + [part.shape[-1] for part in parts])
+            y = conv(parts[0], kernel[..., :starts[1], :])
+            for part, a, b in zip(parts[1:], starts[1:-1], starts[2:]):
+                y = y + conv(part, kernel[..., a:b, :])
         if self.use_bias:
             bias = self.param("bias", self.bias_init or torch_bias_init(fan_in),
                               (self.features,), self.param_dtype)
@@ -291,5 +487,5 @@ def torch_dense(features: int, in_features: int, use_bias: bool = True,
                     bias_init=torch_bias_init(in_features), name=name)
 
 
-__all__ = ["Conv3D", "IMPLS", "conv3d", "flow_head_init", "torch_bias_init",
-           "torch_dense", "torch_kernel_init"]
+__all__ = ["Conv3D", "IMPLS", "conv3d", "flow_head_init", "gelu", "leaky_relu", "relu",
+           "torch_bias_init", "torch_dense", "torch_kernel_init"]

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofg_jax.models.base import RegistrationNetwork, check_divisible, check_img_size
-from ofg_jax.models.layers import Conv3D, torch_dense
+from ofg_jax.models.base import (RegistrationNetwork, check_divisible, check_img_size,
+                                 remat_if)
+from ofg_jax.models.layers import Conv3D, gelu, leaky_relu, torch_dense
 from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
 
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
@@ -171,7 +172,7 @@ class SwinBlock(nn.Module):
 
         hidden = int(c * self.mlp_ratio)
         h = nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="norm2")(x)
-        h = nn.gelu(torch_dense(hidden, c, dtype=self.dtype, name="fc1")(h), approximate=False)
+        h = gelu(torch_dense(hidden, c, dtype=self.dtype, name="fc1")(h))
         h = nn.Dropout(self.drop_rate)(h, deterministic)
         h = torch_dense(c, hidden, dtype=self.dtype, name="fc2")(h)
         h = nn.Dropout(self.drop_rate)(h, deterministic)
@@ -221,22 +222,30 @@ class ConvNormAct(nn.Module):
     def __call__(self, x):
         x = Conv3D(self.features, 3, 1, 1, use_bias=False, dtype=self.dtype,
                    impl=self.conv_impl, name="conv")(x)
-        return nn.leaky_relu(instance_norm(x), 0.01)
+        return leaky_relu(instance_norm(x), 0.01)
 
 
 class DecoderBlock(nn.Module):
-    """Trilinear x2 upsampling, skip concatenation, two ``ConvNormAct``."""
+    """Trilinear x2 upsampling, skip concatenation, two ``ConvNormAct``.
+
+    With ``remat``, two stages: the upsampling, concatenation and first
+    ``ConvNormAct``; the second ``ConvNormAct``.
+    """
 
     features: int
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, skip):
-        x = jnp.concatenate([upsample_linear2(x), skip], axis=-1)
-        for i in range(2):
-            x = ConvNormAct(self.features, self.dtype, self.conv_impl, name=f"conv_{i}")(x)
-        return x
+        def first(mdl, x, skip):
+            x = (upsample_linear2(x), skip)  # concatenated by the conv
+            return ConvNormAct(self.features, self.dtype, self.conv_impl, name="conv_0")(x)
+
+        x = remat_if(self.remat, first)(self, x, skip)
+        return remat_if(self.remat, ConvNormAct)(
+            self.features, self.dtype, self.conv_impl, name="conv_1")(x)
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +335,7 @@ class TransMorph(RegistrationNetwork):
             dim = self.embed_dim * 2 ** i
             tokens = h.reshape(b, -1, dim)
             for j in range(depth):
-                tokens = SwinBlock(
+                tokens = self.stage(SwinBlock, (2, 3))(
                     dim, heads, window, (0, 0, 0) if j % 2 == 0 else shift,
                     self.mlp_ratio, self.qkv_bias, self.drop_rate, self.attn_drop_rate,
                     float(rates[sum(self.depths[:i]) + j]), dtype,
@@ -336,14 +345,16 @@ class TransMorph(RegistrationNetwork):
             if i < len(self.depths) - 1:
                 h = PatchMerging(4, dtype, name=f"merge{i}")(h)
 
-        conv_skip_half = ConvNormAct(self.embed_dim // 2, dtype, self.conv_impl,
-                                     name="c1")(avg_pool3_stride2(x))
-        conv_skip_full = ConvNormAct(self.reg_head_chan, dtype, self.conv_impl, name="c2")(x)
+        conv_norm_act = self.stage(ConvNormAct)
+        conv_skip_half = conv_norm_act(self.embed_dim // 2, dtype, self.conv_impl,
+                                       name="c1")(avg_pool3_stride2(x))
+        conv_skip_full = conv_norm_act(self.reg_head_chan, dtype, self.conv_impl, name="c2")(x)
         skips = [stage_outputs[2], stage_outputs[1], stage_outputs[0], conv_skip_half,
                  conv_skip_full]
         widths = [self.embed_dim * 4, self.embed_dim * 2, self.embed_dim,
                   self.embed_dim // 2, self.reg_head_chan]
         h = stage_outputs[3]
         for i, (features, skip) in enumerate(zip(widths, skips)):
-            h = DecoderBlock(features, dtype, self.conv_impl, name=f"up{i}")(h, skip)
+            h = DecoderBlock(features, dtype, self.conv_impl, self.remat, name=f"up{i}")(
+                h, skip)
         return self.flow(h)

@@ -5,9 +5,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ofg_jax.models.base import RegistrationNetwork, check_divisible
-from ofg_jax.models.layers import Conv3D, torch_dense
+from ofg_jax.models.base import RegistrationNetwork, check_divisible, remat_if
+from ofg_jax.models.layers import Conv3D, gelu, relu, torch_dense
 from ofg_jax.models.resample import max_pool2, upsample_linear2
 
 PATCH_SIZE = 8  # fixed: the decoder's five x2 upsamplings start from 1/32
@@ -25,8 +26,90 @@ class DoubleConv(nn.Module):
         for i in range(2):
             x = Conv3D(self.features, 3, 1, 1, dtype=self.dtype, impl=self.conv_impl,
                        name=f"conv_{i}")(x)
-            x = nn.relu(x)
+            x = relu(x)
         return x
+
+
+_BN_EPS = 1e-5
+_BN_MOMENTUM = 0.9
+
+
+def _bn_stats(x):
+    """Per-channel mean and biased variance in float32, as flax's (fast variance)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    mean, mean2 = x.mean(axes), jax.lax.square(x).mean(axes)
+    return mean, jnp.maximum(0.0, mean2 - jax.lax.square(mean))
+
+
+def _bn_apply(x, mean, var, scale, bias):
+    """``(x - mean) * (rsqrt(var + eps) * scale) + bias``, as flax's ``_normalize``."""
+    return (x - mean) * (jax.lax.rsqrt(var + _BN_EPS) * scale) + bias
+
+
+@jax.custom_vjp
+def _batch_norm(x, scale, bias):
+    """Training-mode BatchNorm over all axes but the last: ``(y, mean, var)``, float32."""
+    mean, var = _bn_stats(x)
+    return _bn_apply(x, mean, var, scale, bias), mean, var
+
+
+def _batch_norm_fwd(x, scale, bias):
+    mean, var = _bn_stats(x)
+    return (_bn_apply(x, mean, var, scale, bias), mean, var), (x, mean, var, scale)
+
+
+def _batch_norm_bwd(res, cts):
+    x, mean, var, scale = res
+    g, g_mean, g_var = cts
+    # Not before g exists: XLA would otherwise normalise x early and keep it.
+    x, g = jax.lax.optimization_barrier((x, g))
+    axes = tuple(range(x.ndim - 1))
+    n = np.prod(x.shape[:-1])
+    rstd = jax.lax.rsqrt(var + _BN_EPS)
+    centred = x - mean
+    xhat = centred * rstd
+    g = g.astype(xhat.dtype)
+    d_bias = g.sum(axes)
+    d_scale = (g * xhat).sum(axes)
+    # y = scale * xhat + bias with the batch's mean and (biased) variance of x.
+    dx = (scale * rstd) * (g - d_bias / n - xhat * (d_scale / n))
+    # The statistics are returned for the running averages; their cotangents are zero
+    # in training, but a caller may differentiate them.
+    dx = dx + g_mean / n + g_var * (2.0 / n) * centred
+    return dx.astype(x.dtype), d_scale, d_bias
+
+
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+    """``nn.BatchNorm(momentum=0.9, epsilon=1e-5)`` over every axis but the channels.
+
+    PyTorch's ``BatchNorm3d`` defaults, with flax's variables (``params``:
+    ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``, the biased batch
+    variance) and values. In training, only its input is kept for the gradient
+    (autodiff of ``nn.BatchNorm`` keeps ``x - mean`` and ``x`` besides, two
+    feature maps per layer).
+    """
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        if train:
+            y, mean, var = _batch_norm(x, scale, bias)
+            if not self.is_initializing():
+                ra_mean.value = _BN_MOMENTUM * ra_mean.value + (1 - _BN_MOMENTUM) * mean
+                ra_var.value = _BN_MOMENTUM * ra_var.value + (1 - _BN_MOMENTUM) * var
+        else:
+            y = _bn_apply(x, ra_mean.value, ra_var.value, scale, bias)
+        return y.astype(self.dtype or x.dtype)
 
 
 class ConvBNReLU(nn.Module):
@@ -40,26 +123,34 @@ class ConvBNReLU(nn.Module):
     def __call__(self, x, train: bool):
         x = Conv3D(self.features, 3, 1, 1, use_bias=False, dtype=self.dtype,
                    impl=self.conv_impl, name="conv")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                         dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
-        return nn.relu(x)
+        x = BatchNorm(self.dtype, name="norm")(x, train)
+        return relu(x)
 
 
 class DecoderBlock(nn.Module):
-    """Trilinear x2 upsampling, skip concatenation, two ``ConvBNReLU``."""
+    """Trilinear x2 upsampling, skip concatenation, two ``ConvBNReLU``.
+
+    With ``remat``, two stages: the upsampling, concatenation and first
+    ``ConvBNReLU``; the second ``ConvBNReLU``.
+    """
 
     features: int
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x, skip, train: bool):
-        x = upsample_linear2(x)
-        if skip is not None:
-            x = jnp.concatenate([x, skip], axis=-1)
-        for i in range(2):
-            x = ConvBNReLU(self.features, self.dtype, self.conv_impl, name=f"conv_{i}")(x, train)
-        return x
+        def first(mdl, x, *skip):
+            x = upsample_linear2(x)
+            if skip:  # the concatenation [x, skip], made by the conv
+                x = (x, skip[0])
+            return ConvBNReLU(self.features, self.dtype, self.conv_impl, name="conv_0")(
+                x, train)
+
+        x = remat_if(self.remat, first)(self, x, *([] if skip is None else [skip]))
+        return remat_if(self.remat, ConvBNReLU, (2,))(
+            self.features, self.dtype, self.conv_impl, name="conv_1")(x, train)
 
 
 class ViTBlock(nn.Module):
@@ -95,7 +186,7 @@ class ViTBlock(nn.Module):
             features, dtype=self.dtype, param_dtype=jnp.float32,
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(1e-6), name=name)
-        h = nn.gelu(dense(self.mlp_dim, "fc1")(h), approximate=False)
+        h = gelu(dense(self.mlp_dim, "fc1")(h))
         h = nn.Dropout(self.dropout_rate)(h, deterministic)
         h = nn.Dropout(self.dropout_rate)(dense(hidden, "fc2")(h), deterministic)
         return x + h
@@ -160,9 +251,10 @@ class ViTVNet(RegistrationNetwork):
         impl = self.conv_impl
         c0, c1, c2 = self.encoder_channels
 
-        x1 = DoubleConv(c0, dtype, impl, name="inc")(x.astype(dtype))
-        x2 = DoubleConv(c1, dtype, impl, name="down1")(max_pool2(x1))
-        feats = DoubleConv(c2, dtype, impl, name="down2")(max_pool2(x2))
+        double_conv = self.stage(DoubleConv)
+        x1 = double_conv(c0, dtype, impl, name="inc")(x.astype(dtype))
+        x2 = double_conv(c1, dtype, impl, name="down1")(max_pool2(x1))
+        feats = double_conv(c2, dtype, impl, name="down2")(max_pool2(x2))
         f8 = max_pool2(feats)
         skips = [max_pool2(f8), f8, feats, x2, x1]
 
@@ -174,12 +266,14 @@ class ViTVNet(RegistrationNetwork):
                          (1, tokens.shape[1], self.hidden_size), jnp.float32)
         h = nn.Dropout(self.dropout_rate)(tokens + pos.astype(dtype), not train)
         for i in range(self.num_layers):
-            h = ViTBlock(self.hidden_size, self.num_heads, self.mlp_dim, self.dropout_rate,
-                         self.attention_dropout_rate, dtype, name=f"layer_{i}")(h, train)
+            h = self.stage(ViTBlock, (2,))(
+                self.hidden_size, self.num_heads, self.mlp_dim, self.dropout_rate,
+                self.attention_dropout_rate, dtype, name=f"layer_{i}")(h, train)
         h = nn.LayerNorm(1e-6, dtype=dtype, name="encoder_norm")(h)
 
         h = h.reshape(b, *grid, self.hidden_size)
         h = ConvBNReLU(self.conv_first_channel, dtype, impl, name="conv_more")(h, train)
         for i, (features, skip) in enumerate(zip(self.decoder_channels, skips)):
-            h = DecoderBlock(features, dtype, impl, name=f"decoder_{i}")(h, skip, train)
+            h = DecoderBlock(features, dtype, impl, self.remat, name=f"decoder_{i}")(
+                h, skip, train)
         return self.flow(h)

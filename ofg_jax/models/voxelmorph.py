@@ -4,10 +4,9 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from ofg_jax.models.base import RegistrationNetwork, check_divisible
-from ofg_jax.models.layers import Conv3D
+from ofg_jax.models.layers import Conv3D, leaky_relu
 from ofg_jax.models.resample import upsample_nearest2
 
 
@@ -49,17 +48,29 @@ class VoxelMorph(RegistrationNetwork):
         dtype = self.compute_dtype
         conv = lambda features, stride, name: Conv3D(
             features, 3, stride, 1, dtype=dtype, impl=self.conv_impl, name=name)
-        act = lambda h: nn.leaky_relu(h, 0.2)
+        act = lambda h: leaky_relu(h, 0.2)
+
+        def conv_act(name, features):
+            """``h[, skip] -> act(conv([upsample(h), skip]))``: a stage of ``remat``.
+
+            The upsampling and concatenation before a conv belong to its stage,
+            so that ``remat`` keeps only the coarser ``h`` and the skip.
+            """
+            def run(mdl, h, *skip):
+                if skip:  # the concatenation [upsample(h), skip], made by the conv
+                    h = (upsample_nearest2(h), skip[0])
+                return act(conv(features, 1, name)(h))
+            return self.stage(run)
 
         h = x.astype(dtype)
         skips = [h]
         for i, features in enumerate(self.enc_features):
+            # Not stages: each output is kept anyway, as a skip.
             h = act(conv(features, 2, f"enc_{i}")(h))
             skips.append(h)
         skips.pop()  # the bottleneck itself is not a skip
         for i, features in enumerate(self.dec_features):
-            h = act(conv(features, 1, f"dec_{i}")(h))
-            h = jnp.concatenate([upsample_nearest2(h), skips.pop()], axis=-1)
+            h = conv_act(f"dec_{i}", features)(self, h, *([skips.pop()] if i else []))
         for i, features in enumerate(self.final_features):
-            h = act(conv(features, 1, f"final_{i}")(h))
+            h = conv_act(f"final_{i}", features)(self, h, *([skips.pop()] if i == 0 else []))
         return self.flow(h)
