@@ -60,7 +60,6 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "default.py")
 FUNCTIONS = ("unsupervised_step", "ofg_step", "refine", "forward")
 TIMED_KEYS = tuple(f"{f}_s" for f in FUNCTIONS)
 PEAK_KEYS = tuple(f"{f}_peak_mb" for f in FUNCTIONS)
-RESULT_KEYS = TIMED_KEYS + ("compile_s", "peak_mb")
 FRAMEWORKS = ("jax", "torch", "torch_compile")
 # Functions that do not depend on the network: measured once per framework.
 NETWORK_INDEPENDENT = ("refine",)
