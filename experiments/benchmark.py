@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from experiments.timing import (CompiledStep, cpu_description, interleaved_seconds,
                                 parse_shape, peak_rss_mb, reset_peak_rss,
@@ -147,7 +147,7 @@ def run_jax(model_name: str, overrides: Sequence[str], shape, batch: int,
     calls = {f: calls[f] for f in FUNCTIONS if f in calls}
 
     log(f"jax: timing {', '.join(calls)}, interleaved")
-    result = _timed(calls, repeats, warmup)
+    result, _ = _timed(calls, repeats, warmup)
     result["compile_s"] = sum(compile_times.values())
     result["compile_breakdown_s"] = compile_times
     if "ofg_step_s" in result and "unsupervised_step_s" in result:
@@ -163,17 +163,23 @@ def run_jax(model_name: str, overrides: Sequence[str], shape, batch: int,
     return result
 
 
-def _timed(calls: dict, repeats: int, warmup: int) -> dict:
+def _timed(calls: dict, repeats: int, warmup: int,
+           on_timed_start: Callable[[], object] = reset_peak_rss) -> tuple[dict, dict]:
     """Interleaved medians of ``calls`` (keys ``<function>_s``), all timings and
-    the peak RSS of the timed calls (``peak_mb``) and of the process."""
+    the peak RSS of the timed calls (``peak_mb``) and of the process; and the
+    first call of each function (seconds).
+
+    ``on_timed_start`` runs between the warm-up and the timed rounds; it must
+    reset the peak RSS (:func:`reset_peak_rss`).
+    """
     setup_peak = peak_rss_mb()
-    medians, times, _ = interleaved_seconds(calls, repeats, warmup,
-                                            on_timed_start=reset_peak_rss)
+    medians, times, first_call = interleaved_seconds(calls, repeats, warmup,
+                                                     on_timed_start=on_timed_start)
     result = {f"{key}_s": value for key, value in medians.items()}
     result["times_s"] = times
     result["peak_mb"] = peak_rss_mb()
     result["process_peak_mb"] = max(setup_peak, result["peak_mb"])
-    return result
+    return result, first_call
 
 
 def jax_step_breakdown(model, params, moving, fixed, inner_steps: int, repeats: int,
@@ -279,14 +285,11 @@ def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: in
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    setup_peak = peak_rss_mb()
-    medians, times, first_call = interleaved_seconds(calls, repeats, warmup,
-                                                     on_timed_start=timed_start)
-    result = {f"{key}_s": value for key, value in medians.items()}
-    result["times_s"] = times
+    result, first_call = _timed(calls, repeats, warmup, on_timed_start=timed_start)
     if compile_model:
         # Compilation happens inside the first calls: their excess over the median.
-        result["compile_s"] = sum(max(first_call[k] - medians[k], 0.0) for k in calls)
+        result["compile_s"] = sum(max(first_call[k] - result[f"{k}_s"], 0.0)
+                                  for k in calls)
     else:
         result["compile_s"] = None
     result["device"] = (torch.cuda.get_device_name() if device.type == "cuda"
@@ -294,9 +297,6 @@ def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: in
     if device.type == "cuda":
         result["peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
         result["process_peak_mb"] = None
-    else:
-        result["peak_mb"] = peak_rss_mb()
-        result["process_peak_mb"] = max(setup_peak, result["peak_mb"])
     result["parameters"] = sum(p.numel() for p in model.parameters())
     return result
 

@@ -25,6 +25,7 @@ import optax
 from scipy import ndimage
 
 from ofg_jax.ncc import ncc
+from ofg_jax.resolution import block_mean
 from ofg_jax.warp import sample
 
 SIMILARITIES = ("ncc", "mse")
@@ -46,16 +47,12 @@ def pool(image: np.ndarray, affine: np.ndarray, factor: int
       ``(coarse image float32, coarse affine float64)``.
     """
     image = np.asarray(image, np.float32)
-    if factor == 1:
+    if factor == 1 or any(n < factor for n in image.shape):  # No block fits.
         return image, np.asarray(affine, np.float64)
-    shape = [max(n // factor, 1) for n in image.shape]
-    cropped = image[tuple(slice(0, n * factor) for n in shape)]
-    if any(n < factor for n in image.shape):  # An axis shorter than a block.
-        return image, np.asarray(affine, np.float64)
-    blocks = cropped.reshape(shape[0], factor, shape[1], factor, shape[2], factor)
+    cropped = image[tuple(slice(0, n - n % factor) for n in image.shape)]
     scale = np.diag([factor, factor, factor, 1.0]).astype(np.float64)
     scale[:3, 3] = (factor - 1) / 2.0
-    return blocks.mean(axis=(1, 3, 5)), np.asarray(affine, np.float64) @ scale
+    return block_mean(cropped, factor), np.asarray(affine, np.float64) @ scale
 
 
 def center_of_mass(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, float]:

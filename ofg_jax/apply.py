@@ -45,11 +45,8 @@ def _define_flags(fv: flags.FlagValues) -> None:
 def read_input(path: str, *, nearest: bool) -> transforms.Volume:
     """The image to carry over: float32, or int32 labels for an integer file read
     with nearest interpolation. Checked before anything is written."""
-    _, affine = nifti.volume_grid(path, "image")
     integer = np.issubdtype(nifti.load(path, "image").get_data_dtype(), np.integer)
-    if nearest and integer:
-        return transforms.Volume(nifti.read_volume(path, labels=True), affine)
-    return transforms.Volume(nifti.read_volume(path), affine)
+    return transforms.read_volume(path, "image", labels=nearest and integer)
 
 
 def _run(fv: flags.FlagValues) -> None:

@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 import scipy.io
 
+from ofg_jax import nifti
 from ofg_jax.warp import sample
 
 # Component signs that turn RAS vectors into LPS ones and back.
@@ -299,15 +300,7 @@ def displacement_image(field_lps: np.ndarray,
     if field.shape != tuple(reference.shape[:3]) + (3,):
         raise ValueError(f"field of shape {field.shape} does not match the reference "
                          f"grid {tuple(reference.shape[:3])} + (3,)")
-    if not isinstance(reference, nib.Nifti1Image):  # .mgz and others: as NIfTI.
-        reference = nib.Nifti1Image.from_image(reference)
-    image = type(reference)(field[:, :, :, None, :], reference.affine,
-                            reference.header.copy())
-    image.set_data_dtype(np.float32)
-    image.header.set_slope_inter(None, None)
-    image.header["cal_min"], image.header["cal_max"] = 0, 0
-    image.header.set_intent(VECTOR_INTENT)
-    return image
+    return nifti.image_like(field[:, :, :, None, :], reference, intent=VECTOR_INTENT)
 
 
 def write_itk_displacement(path: str, field_lps: np.ndarray,
@@ -325,11 +318,7 @@ def read_itk_displacement(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"displacement field {path} not found")
-    try:
-        image = nib.load(path)
-    except Exception as e:
-        raise ValueError(f"could not read displacement field {path}: "
-                         f"{type(e).__name__}: {e}") from e
+    image = nifti.load(path, "displacement field")
     shape = tuple(image.shape)
     if len(shape) != 5 or shape[3] != 1 or shape[4] != 3:
         raise ValueError(f"displacement field {path} has shape {shape}; an ITK "

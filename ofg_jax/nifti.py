@@ -68,21 +68,31 @@ def read_volume(path: str, *, labels: bool = False) -> np.ndarray:
     return as_labels(array, path) if labels else as_image(array, path)
 
 
-def write_like(path: str, array: np.ndarray,
-               reference: Union[str, nib.spatialimages.SpatialImage]) -> None:
-    """Writes ``array`` as NIfTI with the affine and header of ``reference``.
+def image_like(array: np.ndarray, reference: nib.spatialimages.SpatialImage,
+               intent: str = "none") -> nib.Nifti1Image:
+    """``array`` as a NIfTI image with the affine and header of ``reference``.
 
-    ``reference`` is a file or a loaded image (e.g. a displacement field: its grid
-    is the first three axes). The data type is that of ``array`` (not the
-    reference's), without scaling, intent, or the reference's display range.
+    The data type is that of ``array`` (not the reference's), without scaling or
+    the reference's display range, with the NIfTI ``intent``. A reference in
+    another format (``.mgz``, ...) is converted to NIfTI.
     """
-    if isinstance(reference, str):
-        reference = nib.load(reference)
-    if not isinstance(reference, nib.Nifti1Image):  # .mgz and others: as NIfTI.
+    if not isinstance(reference, nib.Nifti1Image):
         reference = nib.Nifti1Image.from_image(reference)
     image = type(reference)(array, reference.affine, reference.header)
     image.set_data_dtype(array.dtype)
     image.header.set_slope_inter(None, None)
     image.header["cal_min"], image.header["cal_max"] = 0, 0
-    image.header.set_intent("none")
-    nib.save(image, path)
+    image.header.set_intent(intent)
+    return image
+
+
+def write_like(path: str, array: np.ndarray,
+               reference: Union[str, nib.spatialimages.SpatialImage]) -> None:
+    """Writes :func:`image_like` ``(array, reference)`` to ``path``.
+
+    ``reference`` is a file or a loaded image (e.g. a displacement field: its grid
+    is the first three axes).
+    """
+    if isinstance(reference, str):
+        reference = nib.load(reference)
+    nib.save(image_like(array, reference), path)

@@ -25,7 +25,7 @@ from ofg_jax.registration import register_volumes
 from ofg_jax.transforms import AFFINE_FILE
 from ofg_jax.transforms import INVERSE_FILE
 from ofg_jax.transforms import OUTPUT_FILES
-from ofg_jax.transforms import Volume
+from ofg_jax.transforms import read_volume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +70,6 @@ def check_headers(files: PairFiles) -> None:
             raise ValueError(f"{side} segmentation {seg_path} and its image "
                              f"{image_path} have different affines (entries differ "
                              f"by up to {difference:.4g}): they must share a grid")
-
-
-def read_volume(path: str, what: str, *, labels: bool = False) -> Volume:
-    """A file's voxels (checked: finite float32, or integer labels) and affine."""
-    _, affine = nifti.volume_grid(path, what)
-    return Volume(nifti.read_volume(path, labels=labels), affine)
 
 
 def register_files(trained: Trained, files: PairFiles, out_dir: str, *,

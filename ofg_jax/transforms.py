@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from ofg_jax import geometry
+from ofg_jax import nifti
 from ofg_jax.geometry import Grid
 
 # The files of a registration, in its output folder.
@@ -43,6 +44,12 @@ class Volume:
     @property
     def grid(self) -> Grid:
         return Grid(tuple(np.shape(self.array)), np.asarray(self.affine, np.float64))
+
+
+def read_volume(path: str, what: str, *, labels: bool = False) -> Volume:
+    """A file's voxels (checked: finite float32, or integer labels) and affine."""
+    _, affine = nifti.volume_grid(path, what)
+    return Volume(nifti.read_volume(path, labels=labels), affine)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,7 +156,7 @@ def test_inverse_composed_with_the_forward_transform_is_identity(registered, sca
 
 def test_fixed_point_inverse_of_a_non_diffeomorphic_field(scans):
     trained = fixtures.smooth_trained(NETWORK, amplitude=1.5)
-    volume = lambda key, labels=False: pair_files.read_volume(scans[key], key,
+    volume = lambda key, labels=False: transforms.read_volume(scans[key], key,
                                                                 labels=labels)
     result = registration.register_volumes(
         trained, volume("moving"), volume("fixed"), volume("moving_seg", True),
