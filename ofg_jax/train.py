@@ -25,6 +25,7 @@ import tqdm
 from ofg_jax import checkpoint as checkpoint_lib
 from ofg_jax import data as data_lib
 from ofg_jax import evaluation
+from ofg_jax import host_memory
 from ofg_jax import inference
 from ofg_jax import parallel
 from ofg_jax import registration
@@ -153,8 +154,10 @@ def _train_epoch(run: _Run, state: TrainState, step: int, meta: dict[str, Any],
                       local=parallel.local_slice(batch_size), targets=targets),
         put=lambda batch: parallel.shard_batch(batch, run.mesh))
     try:
-        for batch in prefetcher:
+        for i, batch in enumerate(prefetcher):
             state, metrics = run.train_step(state, batch)
+            if i == 0:  # after the compilation (first epoch) or the evaluation before
+                host_memory.release_freed_memory()
             step += 1
             run.log.add_train_step(step, metrics)
             throughput.step(run.log, metrics)

@@ -160,6 +160,64 @@ def test_large_volumes_need_no_copy_of_the_volume(monkeypatch):
     assert stats.temp_size_in_bytes < volume / 2, (stats.temp_size_in_bytes, volume)
 
 
+def test_loop_accumulators_are_not_kept_across_layers(monkeypatch):
+    """Four chunked layers, forward and backward: no zero accumulator outlives its loop.
+
+    What must be live at XLA's peak is the four layers' outputs (kept for
+    the backward pass; the last is also the cotangent), the gradient
+    being propagated and the one being produced: six volumes. Plain zeros as
+    the loops' start, which XLA merges into one array and copies for every
+    loop, needed about nine.
+    """
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 40_000)
+    x = jax.ShapeDtypeStruct((1, 96, 24, 24, 8), jnp.float32)
+    kernels = [jax.ShapeDtypeStruct((3, 3, 3, 8, 8), jnp.float32)] * 4
+
+    def grads(x, kernels):
+        def net(x, kernels):
+            for kernel in kernels:
+                x = jnp.tanh(conv3d(x, kernel, 1, 1, impl="cpu"))
+            return x
+        y, vjp = jax.vjp(net, x, kernels)
+        return vjp(y)
+
+    stats = jax.jit(grads).lower(x, kernels).compile().memory_analysis()
+    volumes = stats.temp_size_in_bytes / (96 * 24 * 24 * 8 * 4)
+    assert volumes < 6.5, volumes
+
+
+@pytest.mark.parametrize("first", [-2.5, 0.0, np.inf, -np.inf, np.nan])
+def test_zeros_after_is_exactly_zero_for_any_input(first):
+    x = jnp.asarray(np.random.default_rng(8).standard_normal((1, 4, 3, 3, 2)), jnp.float32)
+    x = x.at[0, 0, 0, 0, 0].set(first)
+    zeros = layers._zeros_after(x, (2, 5, 3))
+    assert zeros.shape == (2, 5, 3) and zeros.dtype == x.dtype
+    np.testing.assert_array_equal(zeros, 0)
+
+
+@pytest.mark.parametrize("impl,stride,budget", [("cpu", 1, None), ("cpu", 1, 20_000),
+                                                  ("cpu", 2, 20_000), ("xla", 1, None)])
+def test_add_to_is_added_with_its_gradient(monkeypatch, impl, stride, budget):
+    """``conv3d(..., add_to=a) == a + conv3d(...)``, values and all three gradients,
+    in one piece and through the chunked loop (which accumulates into ``a``)."""
+    if budget:
+        monkeypatch.setattr(layers, "_CHUNK_BYTES", budget)
+        monkeypatch.setattr(layers, "_MIN_CHUNK_ROWS", 100)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.standard_normal((1, 20, 7, 6, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)), jnp.float32)
+    out_shape = jax.eval_shape(lambda: conv3d(x, kernel, stride, 1, impl=impl)).shape
+    a = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    fused = lambda x, k, a: jnp.sum(w * conv3d(x, k, stride, 1, impl=impl, add_to=a))
+    plain = lambda x, k, a: jnp.sum(w * (a + _xla_conv3d(x, k, stride, 1)))
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, kernel, a)
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, kernel, a)
+    assert _rel_err(got[0], want[0]) < 1e-5
+    for g, r in zip(got[1], want[1]):
+        assert _rel_err(g, r) < 1e-5
+
+
 def test_second_layer_gradient_through_jit():
     """Two stacked fast convs: the input gradient of one feeds the other's."""
     x, k1 = _inputs(CASES[0], seed=4)

@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+from jax.ad_checkpoint import print_saved_residuals
 
 from ofg_jax import models
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.models.resample import (avg_pool3_stride2, max_pool2, upsample_linear2,
                                      upsample_nearest2)
 from ofg_jax.models.transmorph import (WindowAttention, instance_norm,
-                                       relative_position_index, shifted_window_mask,
-                                       window_partition, window_reverse)
+                                       instance_norm_leaky_relu, relative_position_index,
+                                       shifted_window_mask, softmax, window_partition,
+                                       window_reverse)
 
 SMALL = (32, 32, 32)
 # XLA:CPU compiles threefry slowly (~1 s per initialiser); the tests use the
@@ -252,6 +254,55 @@ def test_resampling_matches_pytorch(size):
     for fn, want in cases:
         np.testing.assert_allclose(np.asarray(fn(jnp.asarray(x))), back(want),
                                    rtol=1e-5, atol=1e-5, err_msg=fn.__name__)
+
+
+def test_instance_norm_leaky_relu_matches_pytorch_value_and_gradient():
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    rng = np.random.default_rng(11)
+    x = (3.0 * rng.standard_normal((2, 5, 4, 6, 3)) + 1.5).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y, vjp = jax.vjp(lambda x: instance_norm_leaky_relu(x, 0.01), jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    tx = torch.tensor(x, dtype=torch.float64).permute(0, 4, 1, 2, 3).requires_grad_()
+    ty = functional.leaky_relu(functional.instance_norm(tx, eps=1e-5), 0.01)
+    ty.backward(torch.tensor(g, dtype=torch.float64).permute(0, 4, 1, 2, 3))
+    back = lambda t: t.detach().permute(0, 2, 3, 4, 1).numpy()
+    np.testing.assert_allclose(np.asarray(y), back(ty), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), back(tx.grad), rtol=1e-4, atol=1e-5)
+
+
+def _saved_of_shape(capsys, fn, *args, shape):
+    print_saved_residuals(fn, *args)
+    prefix = f"f32[{','.join(map(str, shape))}]"
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith(prefix)]
+
+
+def test_instance_norm_leaky_relu_keeps_one_feature_map(capsys):
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((1, 4, 5, 6, 3)), jnp.float32)
+    saved = _saved_of_shape(capsys, instance_norm_leaky_relu, x, shape=x.shape)
+    assert len(saved) == 1, saved
+
+
+def test_attention_keeps_one_weight_matrix(capsys):
+    """The weights, kept by the product with the values anyway; not the exponentials."""
+    rng = np.random.default_rng(12)
+    logits = jnp.asarray(rng.standard_normal((6, 4, 10, 10)), jnp.float32)
+    values = jnp.asarray(rng.standard_normal((6, 4, 10, 8)), jnp.float32)
+    attend = lambda logits, values: jnp.einsum("bhqk,bhkd->bqhd", softmax(logits), values)
+    saved = _saved_of_shape(capsys, attend, logits, values, shape=logits.shape)
+    assert len(saved) == 1, saved
+
+
+def test_softmax_matches_jax_value_and_gradient():
+    rng = np.random.default_rng(13)
+    logits = jnp.asarray(5.0 * rng.standard_normal((3, 2, 7, 7)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal(logits.shape), jnp.float32)
+    y, vjp = jax.vjp(softmax, logits)
+    want, want_vjp = jax.vjp(lambda v: jax.nn.softmax(v, axis=-1), logits)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(want_vjp(g)[0]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_window_partition_round_trip_and_relative_index():

@@ -44,7 +44,7 @@ def _triple(value: IntOr3, name: str) -> tuple[int, int, int]:
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, stride: IntOr3 = 1, padding: IntOr3 = 0,
-           impl: str = "auto") -> jax.Array:
+           impl: str = "auto", add_to: Optional[jax.Array] = None) -> jax.Array:
     """3D cross-correlation, the operation of PyTorch ``Conv3d`` without its bias.
 
     Args:
@@ -57,10 +57,14 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: IntOr3 = 1, padding: IntOr3 
         formulation in this module's docstring (any backend; it only pays off on
         CPU); ``"auto"`` picks ``"cpu"`` on the CPU backend for float32 and
         ``"xla"`` otherwise.
+      add_to: ``None`` or an array of the result's shape and dtype, returned plus
+        the convolution. The ``"cpu"`` formulation of large stride-1 'same'
+        convolutions accumulates into it in place, where ``add_to + conv3d(...)``
+        would hold two arrays of the result's size.
 
     Returns:
       ``(B, D', H', W', C_out)`` with ``D' = (D + 2 p - k) // s + 1`` per axis, in the
-      result dtype of ``x`` and ``kernel``.
+      result dtype of ``x`` and ``kernel`` (plus ``add_to``).
     """
     stride, padding = _triple(stride, "stride"), _triple(padding, "padding")
     if x.ndim != 5 or kernel.ndim != 5 or kernel.shape[3] != x.shape[4]:
@@ -83,12 +87,16 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: IntOr3 = 1, padding: IntOr3 
             return _patch_conv(x, kernel)
         k = size[0]
         if (size == (k,) * 3 and k % 2 == 1 and padding == (k // 2,) * 3
+                and stride == (1, 1, 1)):
+            return _conv_same(x, kernel, add_to)
+        if (size == (k,) * 3 and k % 2 == 1 and padding == (k // 2,) * 3
                 and stride == (stride[0],) * 3):
             s = stride[0]
-            y = _conv_same(x, kernel)
-            return y if s == 1 else y[:, ::s, ::s, ::s]
-    return lax.conv_general_dilated(
+            y = _conv_same(x, kernel, None)[:, ::s, ::s, ::s]
+            return y if add_to is None else add_to + y
+    y = lax.conv_general_dilated(
         x, kernel, stride, [(p, p) for p in padding], dimension_numbers=_DN3)
+    return y if add_to is None else add_to + y
 
 
 def _patch_conv(x, kernel):
@@ -159,10 +167,11 @@ def _chunked(d, chunk, before, after, init, body):
     return acc
 
 
-def _depth_stacked_conv(x, kernel):
-    """Stride-1 'same' correlation by 2D convs over (H, W); odd cubic kernel.
+def _depth_stacked_conv(x, kernel, out=None):
+    """``out`` (zeros if ``None``) plus the stride-1 'same' correlation; odd cubic kernel.
 
-    ``out[d] = sum_a conv2d(x[d + a - p], kernel[a])``: one 2D convolution of the
+    By 2D convs over (H, W), ``y[d] = sum_a conv2d(x[d + a - p], kernel[a])``: one
+    2D convolution of the
     depth slices with the ``k`` depth taps stacked on its output channels, then
     each tap's output added ``a - p`` slices away. Large volumes go through a loop
     over chunks of input slices, each adding its taps to the output slices it
@@ -185,7 +194,8 @@ def _depth_stacked_conv(x, kernel):
     chunk = max(1, _CHUNK_BYTES // (b * h * w * k * o * x.dtype.itemsize))
     n = min(chunk, d - 2 * p)
     if chunk >= d or n < 1:
-        return taps(x)[:, p:p + d]
+        y = taps(x)[:, p:p + d]
+        return y if out is None else out + y
 
     # Chunk i adds the taps of the input slices [s, s + n) (s = i n) to the output
     # slices [s - p, s + n + p). Every chunk reads and writes windows that lie
@@ -205,7 +215,23 @@ def _depth_stacked_conv(x, kernel):
         slab = lax.dynamic_slice_in_dim(out, c, n + 2 * p, axis=1)
         return lax.dynamic_update_slice_in_dim(out, slab + y, c, axis=1)
 
-    return lax.fori_loop(0, -(-d // n), add_chunk, jnp.zeros((b, d, h, w, o), x.dtype))
+    if out is None:
+        out = _zeros_after(x, (b, d, h, w, o))
+    return lax.fori_loop(0, -(-d // n), add_chunk, out)
+
+
+def _zeros_after(x, shape):
+    """Zeros of ``shape`` computed from an element of ``x`` (exactly 0 for any value).
+
+    Plain zeros of the same shape are merged by XLA into one array that lives
+    from the first loop that starts from it to the last, and each loop gets a
+    copy of it that the scheduler may make long before the loop; at full
+    resolution that is several feature maps kept for nothing. These zeros
+    cannot be merged and exist only once ``x`` does.
+    """
+    v = lax.stop_gradient(x.reshape(-1)[0])
+    zero = jnp.where(jnp.isfinite(v), v, 0) * 0
+    return jnp.broadcast_to(zero, shape)
 
 
 def _tap_layout(h, w, k):
@@ -293,16 +319,17 @@ def _kernel_grad_chunked(x, g, k):
 
 
 @jax.custom_vjp
-def _conv_same(x, kernel):
-    return _depth_stacked_conv(x, kernel)
+def _conv_same(x, kernel, add_to):
+    return _depth_stacked_conv(x, kernel, add_to)
 
 
-def _conv_same_fwd(x, kernel):
-    return _depth_stacked_conv(x, kernel), (x, kernel)
+def _conv_same_fwd(x, kernel, add_to):
+    return _depth_stacked_conv(x, kernel, add_to), (x, kernel, add_to is None)
 
 
 def _conv_same_bwd(res, g):
-    x, kernel = res
+    x, kernel, no_add_to = res
+    g_add_to = None if no_add_to else g
     g = g.astype(x.dtype)
     dk = _kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)
     if x.size * x.dtype.itemsize > _CHUNK_BYTES:
@@ -312,7 +339,7 @@ def _conv_same_bwd(res, g):
         # barrier changes how XLA fuses the sums over g.)
         dk, g = lax.optimization_barrier((dk, g))
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
-    return _depth_stacked_conv(g, flipped), dk
+    return _depth_stacked_conv(g, flipped), dk, g_add_to
 
 
 _conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
@@ -461,17 +488,18 @@ class Conv3D(nn.Module):
         kernel = self.param("kernel", self.kernel_init or torch_kernel_init(),
                             (*size, in_features, self.features), self.param_dtype)
         dtype = self.dtype or parts[0].dtype
-        conv = lambda x, k: conv3d(x.astype(dtype), k.astype(dtype), self.strides,
-                                   self.padding, self.impl)
+        conv = lambda x, k, add_to=None: conv3d(x.astype(dtype), k.astype(dtype),
+                                                self.strides, self.padding, self.impl,
+                                                add_to)
         if len(parts) == 1:
             y = conv(parts[0], kernel)
         elif sum(part.size for part in parts) * jnp.dtype(dtype).itemsize <= _CHUNK_BYTES:
             y = conv(jnp.concatenate(parts, axis=-1), kernel)
         else:
             starts = np.cumsum([0] + [part.shape[-1] for part in parts])
-            y = conv(parts[0], kernel[..., :starts[1], :])
-            for part, a, b in zip(parts[1:], starts[1:-1], starts[2:]):
-                y = y + conv(part, kernel[..., a:b, :])
+            y = None
+            for part, a, b in zip(parts, starts[:-1], starts[1:]):
+                y = conv(part, kernel[..., a:b, :], y)
         if self.use_bias:
             bias = self.param("bias", self.bias_init or torch_bias_init(fan_in),
                               (self.features,), self.param_dtype)

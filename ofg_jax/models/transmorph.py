@@ -1,5 +1,6 @@
 """TransMorph (Chen et al. 2022): a 3D Swin Transformer encoder in a U-Net."""
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -9,7 +10,7 @@ import numpy as np
 
 from ofg_jax.models.base import (RegistrationNetwork, check_divisible, check_img_size,
                                  remat_if)
-from ofg_jax.models.layers import Conv3D, gelu, leaky_relu, torch_dense
+from ofg_jax.models.layers import Conv3D, gelu, torch_dense
 from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
 
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
@@ -87,6 +88,26 @@ class DropPath(nn.Module):
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
+@jax.custom_vjp
+def softmax(logits: jax.Array) -> jax.Array:
+    """``jax.nn.softmax`` over the last axis, keeping only its output for the gradient
+    ``y * (g - sum(g * y))``; autodiff keeps the unnormalised exponentials too
+    (at full size, one attention matrix per block more)."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    y = jax.nn.softmax(logits, axis=-1)
+    return y, y
+
+
+def _softmax_bwd(y, g):
+    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention within windows, with a relative position bias."""
 
@@ -120,7 +141,7 @@ class WindowAttention(nn.Module):
             n_windows = mask.shape[0]
             logits = logits.reshape(b_ // n_windows, n_windows, heads, n, n)
             logits = (logits + jnp.asarray(mask)[None, :, None]).reshape(b_, heads, n, n)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = softmax(logits).astype(self.dtype)
         weights = nn.Dropout(self.attn_drop_rate)(weights, deterministic)
         out = jnp.einsum("bhqk,bhkd->bqhd", weights, v).reshape(b_, n, c)
         out = torch_dense(c, c, dtype=self.dtype, name="proj")(out)
@@ -202,13 +223,55 @@ class PatchMerging(nn.Module):
 # Convolutional decoder.
 
 
-def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """``nn.InstanceNorm3d`` (no affine): per sample and channel over space."""
+def _instance_stats(x, eps):
+    """``(x - mean) * rstd`` in float32 and ``rstd``, per sample and channel over space."""
     axes = tuple(range(1, x.ndim - 1))
     x32 = x.astype(jnp.float32)
     mean = x32.mean(axes, keepdims=True)
     var = jnp.square(x32 - mean).mean(axes, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    rstd = jax.lax.rsqrt(var + eps)
+    return (x32 - mean) * rstd, rstd
+
+
+def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """``nn.InstanceNorm3d`` (no affine): per sample and channel over space."""
+    return _instance_stats(x, eps)[0].astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def instance_norm_leaky_relu(x: jax.Array, negative_slope: float = 0.01,
+                             eps: float = 1e-5) -> jax.Array:
+    """``leaky_relu(instance_norm(x, eps), negative_slope)``, ``negative_slope > 0``.
+
+    ``(B, *S, C) -> (B, *S, C)``. Only the output and the per-channel ``rstd``
+    are kept for the gradient: LeakyReLU is invertible, so the normalised input
+    is the output divided by the slope where it is negative. Autodiff of the two
+    keeps ``x - mean``, the normalised input and the output, three feature maps
+    per layer where one does. The gradient is that of ``leaky_relu`` and
+    ``instance_norm`` composed (to float32 rounding of the inversion).
+    """
+    return _instance_norm_leaky_relu_fwd(x, negative_slope, eps)[0]
+
+
+def _instance_norm_leaky_relu_fwd(x, negative_slope, eps):
+    xhat, rstd = _instance_stats(x, eps)
+    y = jnp.where(xhat >= 0, xhat, negative_slope * xhat).astype(x.dtype)
+    return y, (y, rstd)
+
+
+def _instance_norm_leaky_relu_bwd(negative_slope, eps, res, g):
+    y, rstd = res
+    axes = tuple(range(1, y.ndim - 1))
+    y32, g32 = y.astype(jnp.float32), g.astype(jnp.float32)
+    xhat = jnp.where(y32 >= 0, y32, y32 / negative_slope)
+    g_hat = jnp.where(y32 >= 0, g32, negative_slope * g32)
+    # xhat = (x - mean) * rstd over the spatial axes (biased variance).
+    dx = rstd * (g_hat - g_hat.mean(axes, keepdims=True)
+                 - xhat * (g_hat * xhat).mean(axes, keepdims=True))
+    return (dx.astype(y.dtype),)
+
+
+instance_norm_leaky_relu.defvjp(_instance_norm_leaky_relu_fwd, _instance_norm_leaky_relu_bwd)
 
 
 class ConvNormAct(nn.Module):
@@ -222,7 +285,7 @@ class ConvNormAct(nn.Module):
     def __call__(self, x):
         x = Conv3D(self.features, 3, 1, 1, use_bias=False, dtype=self.dtype,
                    impl=self.conv_impl, name="conv")(x)
-        return leaky_relu(instance_norm(x), 0.01)
+        return instance_norm_leaky_relu(x, 0.01)
 
 
 class DecoderBlock(nn.Module):
