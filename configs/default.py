@@ -74,8 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Rematerialise the network's stages in the backward pass (nn.remat): keeps
     # only each stage's inputs between the forward and the backward pass and runs
     # each stage's forward pass twice. The same losses and gradients; at full size
-    # it lowers TransMorph's peak by 30 % but raises VoxelMorph's and ViT-V-Net's
-    # (experiments/RESULTS.md: memory and time).
+    # it lowers the OFG step's peak by 7 % (VoxelMorph), 31 % (ViT-V-Net) and
+    # 39 % (TransMorph) (experiments/RESULTS.md: memory and time).
     config.train.remat = False
 
     # The inner optimisation that produces each pair's training target.

@@ -11,12 +11,12 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from ofg_jax import models
 from ofg_jax.models.integrate import integrate_velocity
+from ofg_jax.models.layers import softmax
 from ofg_jax.models.resample import (avg_pool3_stride2, max_pool2, upsample_linear2,
                                      upsample_nearest2)
 from ofg_jax.models.transmorph import (WindowAttention, instance_norm,
                                        instance_norm_leaky_relu, relative_position_index,
-                                       shifted_window_mask, softmax, window_partition,
-                                       window_reverse)
+                                       shifted_window_mask, window_partition, window_reverse)
 
 SMALL = (32, 32, 32)
 # XLA:CPU compiles threefry slowly (~1 s per initialiser); the tests use the

@@ -59,9 +59,9 @@ class RegistrationNetwork(nn.Module):
       remat: rematerialise the network's stages (:meth:`stage`) in the backward
         pass: between the forward and the backward pass only each stage's inputs
         are kept, and the stage's forward pass runs again when its gradient is
-        needed. The same values, gradients and parameters; less memory where a
-        stage keeps much more than its inputs (TransMorph's Swin blocks), more
-        elsewhere (experiments/RESULTS.md). A training setting (``train.remat``, applied by
+        needed. The same values, gradients and parameters; less memory, most
+        where a stage keeps much more than its inputs (TransMorph's Swin blocks;
+        experiments/RESULTS.md). A training setting (``train.remat``, applied by
         ``ofg_jax.train_step.create_train_state``), not an architecture option:
         :func:`ofg_jax.models.options` does not list it.
     """

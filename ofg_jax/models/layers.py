@@ -87,11 +87,10 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: IntOr3 = 1, padding: IntOr3 
             return _patch_conv(x, kernel)
         k = size[0]
         if (size == (k,) * 3 and k % 2 == 1 and padding == (k // 2,) * 3
-                and stride == (1, 1, 1)):
-            return _conv_same(x, kernel, add_to)
-        if (size == (k,) * 3 and k % 2 == 1 and padding == (k // 2,) * 3
                 and stride == (stride[0],) * 3):
             s = stride[0]
+            if s == 1:
+                return _conv_same(x, kernel, add_to)
             y = _conv_same(x, kernel, None)[:, ::s, ::s, ::s]
             return y if add_to is None else add_to + y
     y = lax.conv_general_dilated(
@@ -171,9 +170,8 @@ def _depth_stacked_conv(x, kernel, out=None):
     """``out`` (zeros if ``None``) plus the stride-1 'same' correlation; odd cubic kernel.
 
     By 2D convs over (H, W), ``y[d] = sum_a conv2d(x[d + a - p], kernel[a])``: one
-    2D convolution of the
-    depth slices with the ``k`` depth taps stacked on its output channels, then
-    each tap's output added ``a - p`` slices away. Large volumes go through a loop
+    2D convolution of the depth slices with the ``k`` depth taps stacked on its
+    output channels, then each tap's output added ``a - p`` slices away. Large volumes go through a loop
     over chunks of input slices, each adding its taps to the output slices it
     reaches (the chunks at the two ends, whose taps reach past the volume, are
     done outside the loop).
@@ -417,6 +415,26 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+@jax.custom_vjp
+def softmax(logits: jax.Array) -> jax.Array:
+    """``jax.nn.softmax`` over the last axis, keeping only its output for the gradient
+    ``y * (g - sum(g * y))``; autodiff keeps the unnormalised exponentials too
+    (at full size, one attention matrix per block more)."""
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    y = jax.nn.softmax(logits, axis=-1)
+    return y, y
+
+
+def _softmax_bwd(y, g):
+    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 # ---------------------------------------------------------------------------
 # Initialisers with PyTorch's defaults.
 
@@ -516,4 +534,4 @@ def torch_dense(features: int, in_features: int, use_bias: bool = True,
 
 
 __all__ = ["Conv3D", "IMPLS", "conv3d", "flow_head_init", "gelu", "leaky_relu", "relu",
-           "torch_bias_init", "torch_dense", "torch_kernel_init"]
+           "softmax", "torch_bias_init", "torch_dense", "torch_kernel_init"]

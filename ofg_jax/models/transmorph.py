@@ -10,7 +10,7 @@ import numpy as np
 
 from ofg_jax.models.base import (RegistrationNetwork, check_divisible, check_img_size,
                                  remat_if)
-from ofg_jax.models.layers import Conv3D, gelu, torch_dense
+from ofg_jax.models.layers import Conv3D, gelu, softmax, torch_dense
 from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
 
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default
@@ -86,26 +86,6 @@ class DropPath(nn.Module):
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep,
                                     (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
-@jax.custom_vjp
-def softmax(logits: jax.Array) -> jax.Array:
-    """``jax.nn.softmax`` over the last axis, keeping only its output for the gradient
-    ``y * (g - sum(g * y))``; autodiff keeps the unnormalised exponentials too
-    (at full size, one attention matrix per block more)."""
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _softmax_fwd(logits):
-    y = jax.nn.softmax(logits, axis=-1)
-    return y, y
-
-
-def _softmax_bwd(y, g):
-    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 class WindowAttention(nn.Module):
