@@ -98,6 +98,8 @@ def reset_peak_rss() -> bool:
     is first given back to the OS (glibc's ``malloc_trim``, as ofg_jax's training
     loop does after compiling), in every framework alike.
     """
+    # Not ofg_jax.host_memory: importing ofg_jax would load JAX into the
+    # PyTorch processes and count it in their peaks.
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         libc.malloc_trim(0)

@@ -203,38 +203,29 @@ class PatchMerging(nn.Module):
 # Convolutional decoder.
 
 
-def _instance_stats(x, eps):
-    """``(x - mean) * rstd`` in float32 and ``rstd``, per sample and channel over space."""
-    axes = tuple(range(1, x.ndim - 1))
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(axes, keepdims=True)
-    var = jnp.square(x32 - mean).mean(axes, keepdims=True)
-    rstd = jax.lax.rsqrt(var + eps)
-    return (x32 - mean) * rstd, rstd
-
-
-def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """``nn.InstanceNorm3d`` (no affine): per sample and channel over space."""
-    return _instance_stats(x, eps)[0].astype(x.dtype)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def instance_norm_leaky_relu(x: jax.Array, negative_slope: float = 0.01,
                              eps: float = 1e-5) -> jax.Array:
-    """``leaky_relu(instance_norm(x, eps), negative_slope)``, ``negative_slope > 0``.
+    """``nn.InstanceNorm3d`` (no affine; ``eps``), then ``nn.LeakyReLU(negative_slope)``.
 
-    ``(B, *S, C) -> (B, *S, C)``. Only the output and the per-channel ``rstd``
-    are kept for the gradient: LeakyReLU is invertible, so the normalised input
-    is the output divided by the slope where it is negative. Autodiff of the two
+    ``(B, *S, C) -> (B, *S, C)``, normalised per sample and channel over space
+    (biased variance, float32); ``negative_slope > 0`` (1 gives the instance norm
+    alone). Only the output and the per-channel ``rstd`` are kept for the
+    gradient: LeakyReLU is invertible, so the normalised input is the output
+    divided by the slope where it is negative. Autodiff of the two
     keeps ``x - mean``, the normalised input and the output, three feature maps
-    per layer where one does. The gradient is that of ``leaky_relu`` and
-    ``instance_norm`` composed (to float32 rounding of the inversion).
+    per layer where one does. The gradient is that of the two composed (to
+    float32 rounding of the inversion).
     """
     return _instance_norm_leaky_relu_fwd(x, negative_slope, eps)[0]
 
 
 def _instance_norm_leaky_relu_fwd(x, negative_slope, eps):
-    xhat, rstd = _instance_stats(x, eps)
+    axes = tuple(range(1, x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axes, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(axes, keepdims=True) + eps)
+    xhat = (x32 - mean) * rstd
     y = jnp.where(xhat >= 0, xhat, negative_slope * xhat).astype(x.dtype)
     return y, (y, rstd)
 
