@@ -14,7 +14,8 @@ ahead-of-time ``lower().compile()`` of the functions plus ``create_train_state``
     python -m experiments.benchmark --shape 64,64,64 --inner-steps 10 \\
         --repeats 3 --out bench_64.json [--models voxelmorph,vitvnet,transmorph] \\
         [--set transmorph:model.window_size=(2,2,2)] [--torch-compile] \\
-        [--isolate] [--breakdown] [--torch-repeats 1 --torch-warmup 0]
+        [--isolate] [--breakdown] [--torch-repeats 1 --torch-warmup 0] \\
+        [--functions ofg_step,unsupervised_step --torch-functions ofg_step]
 
 Networks: ``--models`` are ``ofg_jax.models`` names; the PyTorch baselines are
 ``experiments.torch_baseline`` (VoxelMorph) and ``experiments.torch_networks``
@@ -45,6 +46,7 @@ import collections
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,7 +149,7 @@ def run_jax(model_name: str, overrides: Sequence[str], shape, batch: int,
     calls = {f: calls[f] for f in FUNCTIONS if f in calls}
 
     log(f"jax: timing {', '.join(calls)}, interleaved")
-    result, _ = _timed(calls, repeats, warmup)
+    result = _timed(calls, repeats, warmup)
     result["compile_s"] = sum(compile_times.values())
     result["compile_breakdown_s"] = compile_times
     if "ofg_step_s" in result and "unsupervised_step_s" in result:
@@ -163,23 +165,56 @@ def run_jax(model_name: str, overrides: Sequence[str], shape, batch: int,
     return result
 
 
+def counting_compile_time(calls: dict, compile_seconds: Callable[[], float]
+                          ) -> tuple[dict, dict]:
+    """Wraps ``calls`` to record the compile time spent inside each call.
+
+    ``compile_seconds()`` is a cumulative compile-time counter (seconds). Returns
+    the wrapped calls and, per call name, the list that receives one entry per
+    call.
+    """
+    spent = {key: [] for key in calls}
+
+    def counted(key, fn):
+        def call():
+            before = compile_seconds()
+            fn()
+            spent[key].append(compile_seconds() - before)
+        return call
+
+    return {key: counted(key, fn) for key, fn in calls.items()}, spent
+
+
+def without_compile_time(times: dict, spent: dict, warmup: int) -> dict:
+    """Medians of the timed calls less the compile time inside each; the total.
+
+    ``times``: per call name, the timed calls' seconds; ``spent``: per call name,
+    the compile seconds of every call, the ``warmup`` untimed ones first.
+    """
+    result = {"compile_s": sum(sum(s) for s in spent.values()),
+              "compile_in_timed_calls_s": {k: s[warmup:] for k, s in spent.items()}}
+    for key, seconds in times.items():
+        result[f"{key}_s"] = statistics.median(
+            t - c for t, c in zip(seconds, spent[key][warmup:]))
+    return result
+
+
 def _timed(calls: dict, repeats: int, warmup: int,
-           on_timed_start: Callable[[], object] = reset_peak_rss) -> tuple[dict, dict]:
+           on_timed_start: Callable[[], object] = reset_peak_rss) -> dict:
     """Interleaved medians of ``calls`` (keys ``<function>_s``), all timings and
-    the peak RSS of the timed calls (``peak_mb``) and of the process; and the
-    first call of each function (seconds).
+    the peak RSS of the timed calls (``peak_mb``) and of the process.
 
     ``on_timed_start`` runs between the warm-up and the timed rounds; it must
     reset the peak RSS (:func:`reset_peak_rss`).
     """
     setup_peak = peak_rss_mb()
-    medians, times, first_call = interleaved_seconds(calls, repeats, warmup,
-                                                     on_timed_start=on_timed_start)
+    medians, times, _ = interleaved_seconds(calls, repeats, warmup,
+                                            on_timed_start=on_timed_start)
     result = {f"{key}_s": value for key, value in medians.items()}
     result["times_s"] = times
     result["peak_mb"] = peak_rss_mb()
     result["process_peak_mb"] = max(setup_peak, result["peak_mb"])
-    return result, first_call
+    return result
 
 
 def jax_step_breakdown(model, params, moving, fixed, inner_steps: int, repeats: int,
@@ -237,7 +272,9 @@ def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: in
 
     With ``compile_model`` the network and the inner energy (warp, NCC, Grad) are
     ``torch.compile``-d; the optimisers and the inner loop stay eager. Its
-    ``compile_s`` is the excess of the first calls over the medians.
+    ``compile_s`` is the compile time that torch._dynamo's own timer counts inside
+    the calls, and that time is taken out of each timed call: without a warm-up
+    call (``warmup=0``) the one timed call also compiles.
     """
     import torch
     from experiments import torch_baseline as tb
@@ -285,11 +322,14 @@ def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: in
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    result, first_call = _timed(calls, repeats, warmup, on_timed_start=timed_start)
+    compiling = {}
     if compile_model:
-        # Compilation happens inside the first calls: their excess over the median.
-        result["compile_s"] = sum(max(first_call[k] - result[f"{k}_s"], 0.0)
-                                  for k in calls)
+        from torch._dynamo.utils import calculate_time_spent
+        calls, compiling = counting_compile_time(
+            calls, lambda: calculate_time_spent().get("total_wall_time", 0.0))
+    result = _timed(calls, repeats, warmup, on_timed_start=timed_start)
+    if compile_model:
+        result.update(without_compile_time(result["times_s"], compiling, warmup))
     else:
         result["compile_s"] = None
     result["device"] = (torch.cuda.get_device_name() if device.type == "cuda"
@@ -425,7 +465,8 @@ def benchmark(model_name: str, overrides: Sequence[str], args,
     for framework in args.frameworks:
         log(f"== {model_name} {args.shape}: {framework}")
         reuse = shared.get(framework)
-        functions = [f for f in args.functions
+        timed = args.functions if framework == "jax" else args.torch_functions
+        functions = [f for f in timed
                      if not (reuse and f in NETWORK_INDEPENDENT and f"{f}_s" in reuse)]
         breakdown = args.breakdown and framework == "jax"
         if args.isolate:
@@ -506,6 +547,9 @@ def format_table(record: dict) -> str:
     shared_from = {ref_result.get(f"{f}_from") for f in NETWORK_INDEPENDENT} - {None}
     if shared_from:
         lines.append(f"refine (network-independent) measured with {', '.join(shared_from)}")
+    if "torch_compile" in record:
+        lines.append("torch_compile: the compile time inside the calls (torch._dynamo's "
+                     "timer) is taken out of their times and shown as compile_s")
     for f in frameworks:
         if "error" in record[f]:
             lines.append(f"{f} failed: {record[f]['error']}")
@@ -546,6 +590,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     parser.add_argument("--functions", default=",".join(FUNCTIONS),
                         help=f"comma-separated, from {', '.join(FUNCTIONS)} (default: all)")
+    parser.add_argument("--torch-functions",
+                        help="the functions timed for PyTorch (default: --functions); at "
+                             "full size PyTorch's calls take many minutes")
     parser.add_argument("--options", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -565,11 +612,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         run_worker(args)
         return []
 
-    functions = [f.strip() for f in args.functions.split(",") if f.strip()]
-    unknown = [f for f in functions if f not in FUNCTIONS]
-    if unknown or not functions:
-        parser.error(f"--functions: unknown {unknown}; valid: {', '.join(FUNCTIONS)}")
-    args.functions = [f for f in FUNCTIONS if f in functions]
+    for flag in ("functions", "torch_functions"):
+        value = getattr(args, flag) or args.functions
+        functions = [f.strip() for f in value.split(",") if f.strip()]
+        unknown = [f for f in functions if f not in FUNCTIONS]
+        if unknown or not functions:
+            parser.error(f"--{flag.replace('_', '-')}: unknown {unknown}; "
+                         f"valid: {', '.join(FUNCTIONS)}")
+        setattr(args, flag, [f for f in FUNCTIONS if f in functions])
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     if args.torch_compile and "torch_compile" not in frameworks:
         frameworks.append("torch_compile")

@@ -84,6 +84,7 @@ def test_rejects_a_bad_shape():
 @pytest.mark.parametrize("argv, name", [
     (["--torch-repeats", "0"], "--torch-repeats"),
     (["--torch-warmup", "-1"], "--torch-warmup"),
+    (["--torch-functions", "ofg"], "--torch-functions"),
 ])
 def test_rejects_bad_counts(argv, name, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -107,6 +108,49 @@ def test_interleaved_seconds_warms_up_then_times_rounds_in_turn():
     # Without warm-up the first calls are timed.
     _, times, first = timing.interleaved_seconds(fns, repeats=1, warmup=0)
     assert times["a"] == [first["a"]]
+
+
+def test_compile_time_inside_calls_is_taken_out():
+    clock = {"compiled": 0.0}
+
+    def compiles(seconds):
+        def call():
+            clock["compiled"] += seconds
+        return call
+
+    calls, spent = benchmark.counting_compile_time(
+        {"a": compiles(5.0), "b": compiles(0.0)}, lambda: clock["compiled"])
+    calls["a"](), calls["b"](), calls["a"]()
+    assert spent == {"a": [5.0, 5.0], "b": [0.0]}
+    # One warm-up call of each (compiling 5 s and 0 s), then one timed call
+    # each: 7 s that compiled 5 s more, 3 s that compiled 0.5 s.
+    result = benchmark.without_compile_time({"a": [7.0], "b": [3.0]},
+                                            {"a": [5.0, 5.0], "b": [0.0, 0.5]}, warmup=1)
+    assert result["a_s"] == pytest.approx(2.0) and result["b_s"] == pytest.approx(2.5)
+    assert result["compile_s"] == pytest.approx(10.5)
+    result = benchmark.without_compile_time({"b": [3.0, 2.0, 4.0]},
+                                            {"b": [1.0, 0.0, 0.0]}, warmup=0)
+    assert result["b_s"] == pytest.approx(2.0)
+    assert result["compile_in_timed_calls_s"] == {"b": [1.0, 0.0, 0.0]}
+
+
+def test_torch_functions_choose_what_pytorch_times(tmp_path):
+    out = tmp_path / "split.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--shape", "16,16,16",
+         "--inner-steps", "1", "--repeats", "1", "--functions", "forward",
+         "--torch-functions", "refine,forward", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        record = json.load(f)
+    assert [k for k in benchmark.TIMED_KEYS if k in record["jax"]] == ["forward_s"]
+    assert [k for k in benchmark.TIMED_KEYS if k in record["torch"]] == [
+        "refine_s", "forward_s"]
+    refine_row = next(l for l in proc.stdout.splitlines()
+                      if l.strip().startswith("refine_s"))
+    assert refine_row.split()[1] == "-"  # not timed for JAX
 
 
 def test_a_failing_framework_is_reported_not_fatal(tmp_path):
