@@ -441,12 +441,14 @@ def parse_sets(sets: Sequence[str], models: Sequence[str]) -> dict[str, list[str
 
 
 def benchmark(model_name: str, overrides: Sequence[str], args,
-              shared: Optional[dict] = None) -> dict:
+              shared: Optional[dict] = None,
+              on_framework: Callable[[dict], object] = lambda record: None) -> dict:
     """The record of one network: every framework, every function.
 
     ``shared``: per framework, the result of an earlier network whose
     network-independent functions (``refine``) this record copies instead of
-    measuring them again; filled by this call when empty.
+    measuring them again; filled by this call when empty. ``on_framework(record)``
+    is called with the record so far after each framework.
     """
     shared = {} if shared is None else shared
     record = {"shape": list(parse_shape(args.shape)), "model": model_name,
@@ -487,6 +489,7 @@ def benchmark(model_name: str, overrides: Sequence[str], args,
         if "breakdown" in result:
             record["jax_breakdown"] = result.pop("breakdown")
         record[framework] = result
+        on_framework(record)
     devices = [record[f]["device"] for f in args.frameworks if "device" in record[f]]
     record["device"] = (devices[0] if devices and not devices[0].startswith("cpu")
                         else f"cpu: {cpu_description()}")
@@ -612,8 +615,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         run_worker(args)
         return []
 
+    args.torch_functions = args.torch_functions or args.functions
     for flag in ("functions", "torch_functions"):
-        value = getattr(args, flag) or args.functions
+        value = getattr(args, flag)
         functions = [f.strip() for f in value.split(",") if f.strip()]
         unknown = [f for f in functions if f not in FUNCTIONS]
         if unknown or not functions:
@@ -634,14 +638,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(str(e))
     shared: dict = {}
     records = []
-    for name in models:
-        records.append(benchmark(name, per_model[name], args, shared))
-        print(format_table(records[-1]), flush=True)
-        print(flush=True)
-        if args.out:  # after every network: a long run keeps what it has
+
+    def save(done: list) -> None:
+        """Writes the records so far: a long run keeps what it has."""
+        if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
-                json.dump(records[0] if len(records) == 1 else records, f, indent=2)
+                json.dump(done[0] if len(done) == 1 else done, f, indent=2)
+
+    for name in models:
+        records.append(benchmark(name, per_model[name], args, shared,
+                                 on_framework=lambda record: save(records + [record])))
+        save(records)
+        print(format_table(records[-1]), flush=True)
+        print(flush=True)
     return records
 
 

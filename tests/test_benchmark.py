@@ -153,6 +153,24 @@ def test_torch_functions_choose_what_pytorch_times(tmp_path):
     assert refine_row.split()[1] == "-"  # not timed for JAX
 
 
+def test_each_framework_is_saved_as_it_finishes(tmp_path, monkeypatch):
+    """A run stopped during its second framework keeps the first one's result."""
+    out = tmp_path / "partial.json"
+
+    def worker(framework, *args, **kwargs):
+        if framework == "torch":
+            raise KeyboardInterrupt
+        return {"ofg_step_s": 1.5, "peak_mb": 10.0}
+
+    monkeypatch.setattr(benchmark, "spawn_worker", worker)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main(["--shape", "16,16,16", "--functions", "ofg_step",
+                        "--out", str(out)])
+    with open(out) as f:
+        record = json.load(f)
+    assert record["jax"]["ofg_step_s"] == 1.5 and "torch" not in record
+
+
 def test_a_failing_framework_is_reported_not_fatal(tmp_path):
     out = tmp_path / "bad.json"
     proc = subprocess.run(
