@@ -480,6 +480,8 @@ def benchmark(model_name: str, overrides: Sequence[str], args,
                                   args, breakdown)
         if reuse:
             for f in NETWORK_INDEPENDENT:
+                if f"{f}_s" not in reuse:
+                    continue
                 for key in (f"{f}_s", f"{f}_peak_mb"):
                     if key in reuse and key not in result:
                         result[key] = reuse[key]

@@ -171,6 +171,15 @@ def test_each_framework_is_saved_as_it_finishes(tmp_path, monkeypatch):
     assert record["jax"]["ofg_step_s"] == 1.5 and "torch" not in record
 
 
+def test_refine_is_shared_only_when_measured(monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "spawn_worker",
+                        lambda *args, **kwargs: {"ofg_step_s": 1.5, "peak_mb": 10.0})
+    vm, vit = benchmark.main(["--shape", "16,16,16", "--functions", "ofg_step",
+                              "--models", "voxelmorph,vitvnet"])
+    assert "refine_from" not in vit["jax"] and "refine_s" not in vit["jax"]
+    assert "network-independent" not in capsys.readouterr().out
+
+
 def test_a_failing_framework_is_reported_not_fatal(tmp_path):
     out = tmp_path / "bad.json"
     proc = subprocess.run(
