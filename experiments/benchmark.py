@@ -322,7 +322,6 @@ def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: in
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    compiling = {}
     if compile_model:
         from torch._dynamo.utils import calculate_time_spent
         calls, compiling = counting_compile_time(
