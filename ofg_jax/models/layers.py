@@ -171,10 +171,10 @@ def _depth_stacked_conv(x, kernel, out=None):
 
     By 2D convs over (H, W), ``y[d] = sum_a conv2d(x[d + a - p], kernel[a])``: one
     2D convolution of the depth slices with the ``k`` depth taps stacked on its
-    output channels, then each tap's output added ``a - p`` slices away. Large volumes go through a loop
-    over chunks of input slices, each adding its taps to the output slices it
-    reaches (the chunks at the two ends, whose taps reach past the volume, are
-    done outside the loop).
+    output channels, then each tap's output added ``a - p`` slices away. Large
+    volumes go through a loop over chunks of input slices, each adding its taps
+    to the output slices it reaches (the chunks at the two ends, whose taps reach
+    past the volume, are done outside the loop).
     """
     b, d, h, w, c = x.shape
     k, o = kernel.shape[0], kernel.shape[4]
