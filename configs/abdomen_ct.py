@@ -15,7 +15,7 @@ TransMorph, and the unsupervised baseline `MSE + 0.02 Grad` as well:
 
 import ml_collections
 
-from configs import default
+from ofg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

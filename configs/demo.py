@@ -14,7 +14,7 @@ nearest-neighbour-warped labels.
 
 import ml_collections
 
-from configs import default
+from ofg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ the moving image. Validation Dice over 30 FreeSurfer structures.
 
 import ml_collections
 
-from configs import default
+from ofg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

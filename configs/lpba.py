@@ -9,7 +9,7 @@ fixed image). Validation Dice over 54 structures.
 
 import ml_collections
 
-from configs import default
+from ofg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -10,7 +10,7 @@ directions. Validation Dice over labels 1..35.
 
 import ml_collections
 
-from configs import default
+from ofg_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -77,12 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, float]]:
     for seed in range(args.seeds):
         matrix = known_affine(np.random.default_rng(seed))
         moving, _ = render(moving_grid, np.linalg.inv(matrix))
-        call = lambda: register_affine(moving, fixed, moving_affine=moving_grid.affine,
-                                       fixed_affine=fixed_grid.affine)
         times = []
         for _ in range(args.repeats + 1):
             start = time.perf_counter()
-            found = call()
+            found = register_affine(moving, fixed, moving_affine=moving_grid.affine,
+                                    fixed_affine=fixed_grid.affine)
             times.append(time.perf_counter() - start)
         truth = geometry.apply_affine(matrix, points)
         error = np.linalg.norm(geometry.apply_affine(found, points) - truth, axis=-1)

@@ -23,7 +23,7 @@ from experiments.timing import parse_shape
 
 
 def _dataset(img_size, num_train):
-    from configs import demo
+    from ofg_jax.configs import demo
     from ofg_jax.data import synthetic
     config = demo.get_config()
     config.data.img_size = tuple(img_size)

@@ -21,7 +21,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(n) for n in text.split(","))
     except ValueError:
-        raise ValueError(f"--shape must be three integers like 64,64,64, got {text!r}")
+        raise ValueError(f"--shape must be three integers like 64,64,64, got {text!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"--shape must be three positive integers, got {text!r}")
     return shape

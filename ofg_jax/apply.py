@@ -15,7 +15,7 @@ through ``inverse.nii.gz`` (written by ``register --inverse``).
 
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 from absl import flags
 import numpy as np
@@ -68,8 +68,9 @@ def _run(fv: flags.FlagValues) -> None:
     print(f"wrote {fv.out} ({'x'.join(map(str, result.shape))}, {result.dtype})")
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs the command line ``argv`` (program name first); returns the exit status."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command line ``argv`` (program name first; default ``sys.argv``);
+    returns the exit status."""
     fv = flags.FlagValues()
     _define_flags(fv)
     return cli.run(_run, fv, argv, __doc__, expected=(IsADirectoryError,))

@@ -8,7 +8,7 @@ keeps its traceback.
 """
 
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 
@@ -45,9 +45,10 @@ def define_traceback_flag(fv: flags.FlagValues) -> None:
 
 
 def run(command: Callable[[flags.FlagValues], None], fv: flags.FlagValues,
-        argv: Sequence[str], doc: str,
+        argv: Optional[Sequence[str]], doc: str,
         expected: tuple[type[BaseException], ...] = ()) -> int:
-    """Parses ``argv`` (program name first) into ``fv``, runs ``command(fv)``.
+    """Parses ``argv`` (program name first; None: ``sys.argv``) into ``fv``, runs
+    ``command(fv)``.
 
     ``--help`` prints the first two paragraphs of ``doc`` and the flags. ``fv``
     must have a ``traceback`` flag (:func:`define_traceback_flag`).
@@ -55,6 +56,7 @@ def run(command: Callable[[flags.FlagValues], None], fv: flags.FlagValues,
     Returns:
       The exit status: 0, or that of the expected error (one line on stderr).
     """
+    argv = sys.argv if argv is None else argv
     if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
         print("\n\n".join(doc.split("\n\n")[:2]) + "\n\n" + fv.get_help())
         return 0

@@ -1,7 +1,9 @@
 """Training configs: loading with overrides, the network's options, validation.
 
-A config is an ``ml_collections.ConfigDict`` from a ``get_config()`` file under
-``configs/``; every default lives in those files, except the network options,
+A config is an ``ml_collections.ConfigDict`` from a ``get_config()`` file: one
+of the configs shipped with the package (``ofg_jax.configs``, the repository's
+``configs/`` folder), named by its file name (``"ixi"``), or any file given by
+its path. Every default lives in those files, except the network options,
 whose defaults are the network's own (the published architecture) and are
 filled into ``config.model`` for the chosen ``model.name`` when a config is
 loaded. The command line (``python -m ofg_jax.main``) and the experiments
@@ -14,7 +16,6 @@ import json
 import os
 import pathlib
 import re
-import sys
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import flags
@@ -29,7 +30,39 @@ from ofg_jax.losses import Intensity
 from ofg_jax.refine import SIMILARITIES
 from ofg_jax.refiner import RefineSettings
 
-DEMO_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+# The configs shipped with the package (``ofg_jax/configs`` is the repository's
+# ``configs/`` folder).
+CONFIG_FOLDER = pathlib.Path(__file__).resolve().parent / "configs"
+DEMO_CONFIG = CONFIG_FOLDER / "demo.py"
+
+
+def shipped_configs() -> tuple[str, ...]:
+    """The names of the configs shipped with the package: ``("abdomen_ct", "demo", ...)``
+    (not ``default``, the reference settings that each of them starts from)."""
+    return tuple(sorted(path.stem for path in CONFIG_FOLDER.glob("*.py")
+                        if path.stem not in ("__init__", "default")))
+
+
+def config_path(config: Optional[str]) -> str:
+    """The file of ``--config``: a path as given, or the shipped config of that name.
+
+    ``"ixi"`` names ``ofg_jax/configs/ixi.py`` (from any folder); anything else is
+    taken as a path (``"configs/ixi.py"`` from the repository root). A
+    ``:argument`` suffix is kept. None is the demo.
+
+    Raises:
+      ConfigError: neither an existing file nor a shipped config's name.
+    """
+    if not config:
+        return str(DEMO_CONFIG)
+    path, colon, argument = config.partition(":")
+    if os.path.isfile(path):
+        return config
+    if path in shipped_configs():
+        return str(CONFIG_FOLDER / f"{path}.py") + colon + argument
+    raise ConfigError(f"config file {path!r} not found (a path to a Python file with "
+                      f"get_config(), or one of the shipped configs: "
+                      f"{', '.join(shipped_configs())})")
 
 
 class ConfigError(ValueError):
@@ -41,23 +74,20 @@ def load(config_file: Optional[str] = None,
     """The config of ``config_file`` (default: the demo) with ``overrides`` applied.
 
     Args:
-      config_file: a Python file with ``get_config()``; ``path:arg`` passes
-        ``arg`` to it. Config files may import their shared defaults as
-        ``configs.default``.
+      config_file: a Python file with ``get_config()``, or the name of a shipped
+        config (:func:`config_path`); ``path:arg`` passes ``arg`` to it. Config
+        files import their shared defaults as ``ofg_jax.configs.default``.
       overrides: ``"key=value"`` strings, as on the command line after
         ``--config.``: ``"train.epochs=3"``, ``"data.img_size=(32,32,32)"``. A
         value is parsed by the type of the field it replaces. The options of the
         network chosen by ``model.name`` are keys of ``model`` too.
 
     Raises:
-      ConfigError: a missing or broken config file, an unknown key (named, with
-        the valid ones where they are few), or a value that does not parse.
+      ConfigError: a missing or broken config file (or an unknown name), an
+        unknown key (named, with the valid ones where they are few), or a value
+        that does not parse.
     """
-    config_file = str(config_file or DEMO_CONFIG)
-    path = config_file.split(":", 1)[0]
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
-    _make_config_folder_importable(path)
+    config_file = config_path(config_file)
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must have the form key=value")
@@ -69,8 +99,9 @@ def load(config_file: Optional[str] = None,
     config = _parse(lambda fv: config_flags.DEFINE_config_file(
         "config", None, flag_values=fv, sys_argv=argv), argv, others, config_file)
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"config file {path!r}: get_config() must return an "
-                          f"ml_collections.ConfigDict, got {type(config).__name__}")
+        raise ConfigError(f"config file {config_file.split(':', 1)[0]!r}: get_config() "
+                          "must return an ml_collections.ConfigDict, got "
+                          f"{type(config).__name__}")
     if names:
         config = with_overrides(config, {"model.name": names[-1]})
     else:
@@ -88,14 +119,6 @@ def load(config_file: Optional[str] = None,
             raise ConfigError(f"{e}; the options of model {config.model.name!r} are: "
                               f"{valid}") from None
     return config
-
-
-def _make_config_folder_importable(path: str) -> None:
-    # Config files import their shared defaults as ``configs.default``: put the
-    # folder holding the ``configs`` package on the path.
-    folder = pathlib.Path(path).resolve().parent
-    if (folder / "__init__.py").exists() and str(folder.parent) not in sys.path:
-        sys.path.insert(0, str(folder.parent))
 
 
 def _parse(define: Callable[[flags.FlagValues], Any], argv: Sequence[str],

@@ -195,8 +195,9 @@ def _run(fv: flags.FlagValues) -> None:
                    refine_steps=fv["refine-steps"].value, save_fields=fv["save-fields"].value)
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs the command line ``argv`` (program name first); returns the exit status."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command line ``argv`` (program name first; default ``sys.argv``);
+    returns the exit status."""
     fv = flags.FlagValues()
     define = dict(flag_values=fv)
     flags.DEFINE_string("workdir", None, "Training workdir.", **define)

@@ -29,8 +29,9 @@ from ofg_jax import config as config_lib
 
 _CONFIG = flags.DEFINE_string(
     "config", None,
-    "Training config file (a Python file with get_config()); default: the demo, "
-    f"{config_lib.DEMO_CONFIG}. Override fields with --config.<path>=<value>.")
+    "Training config: the path of a Python file with get_config(), or the name of "
+    f"a shipped config ({', '.join(config_lib.shipped_configs())}); default: demo. "
+    "Override fields with --config.<path>=<value>.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for metrics, checkpoints and summary; default "

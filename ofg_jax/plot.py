@@ -50,8 +50,9 @@ def _run(fv: flags.FlagValues) -> None:
     print("wrote " + ", ".join(write_training_figures(fv.workdir, fv.out)))
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs the command line ``argv`` (program name first); returns the exit status."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command line ``argv`` (program name first; default ``sys.argv``);
+    returns the exit status."""
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "Training workdir.", flag_values=fv)
     flags.DEFINE_string("out", None, "Output folder; default WORKDIR/figures.",

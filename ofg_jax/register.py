@@ -167,8 +167,9 @@ def _run(fv: flags.FlagValues) -> None:
         print(f"wrote {', '.join(result['written'])}")
 
 
-def main(argv: Sequence[str]) -> int:
-    """Runs the command line ``argv`` (program name first); returns the exit status."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the command line ``argv`` (program name first; default ``sys.argv``);
+    returns the exit status."""
     fv = flags.FlagValues()
     _define_flags(fv)
     return cli.run(_run, fv, argv, __doc__)

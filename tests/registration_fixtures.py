@@ -12,7 +12,7 @@ def tiny_config():
     """The demo config at toy size: a two-level VoxelMorph (set through the
     ``model.*`` keys), two training steps at a high learning rate (a visible
     displacement), one validation pair."""
-    from configs import demo
+    from ofg_jax.configs import demo
     config = demo.get_config()
     config.model.enc_features = (4, 8)
     config.model.dec_features = (8, 8)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from configs import demo
+from ofg_jax.configs import demo
 from ofg_jax import config as config_lib
 from ofg_jax import data as data_lib
 from ofg_jax import evaluation

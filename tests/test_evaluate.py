@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from configs import ixi
+from ofg_jax.configs import ixi
 from ofg_jax import cli
 from ofg_jax import config as config_lib
 from ofg_jax import evaluate

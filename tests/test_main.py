@@ -26,7 +26,7 @@ def run_cli(*args, cwd=REPO, env=None):
 
 def load_config(name):
     import importlib
-    return importlib.import_module(f"configs.{name}").get_config()
+    return importlib.import_module(f"ofg_jax.configs.{name}").get_config()
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -148,6 +148,29 @@ def test_flags_reach_training_and_workdir_defaults_to_the_config_name(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(record.read_text()) == {
         "workdir": str(tmp_path / "w"), "epochs": 500, "data": "lpba"}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_shipped_config_by_name_is_the_file_of_that_name(name):
+    by_name = config_lib.load(name, ["train.epochs=3", "model.name=transmorph"])
+    by_path = config_lib.load(str(REPO / "configs" / f"{name}.py"),
+                              ["train.epochs=3", "model.name=transmorph"])
+    assert by_name.to_dict() == by_path.to_dict()  # config.json and resume see the same
+    assert by_name.train.epochs == 3 and by_name.model.window_size
+
+
+def test_config_by_name_works_from_any_folder(tmp_path):
+    record = tmp_path / "args.json"
+    result = run_fake_cli("--config=lpba", "--config.train.epochs=9", cwd=tmp_path,
+                          record=record)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(record.read_text()) == {
+        "workdir": os.path.join("workdir", "lpba"), "epochs": 9, "data": "lpba"}
+    result = run_fake_cli("--config=ixx", cwd=tmp_path, record=record)
+    assert result.returncode == cli.EXIT_USAGE
+    assert result.stderr.count("\n") == 1
+    assert ("config file 'ixx' not found" in result.stderr
+            and "abdomen_ct, demo, ixi, lpba, oasis" in result.stderr)
 
 
 def test_diverging_run_exits_non_zero_with_one_message(tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from ofg_jax.configs import default
 from ofg_jax import config as config_lib
 from ofg_jax import losses
 from ofg_jax import ncc

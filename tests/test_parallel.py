@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARDED_VS_SINGLE = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from configs import default
+from ofg_jax.configs import default
 from ofg_jax import parallel, train_step
 from tests.step_fixtures import TinyNet  # A small network keeps compilation short.
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from ofg_jax.configs import default
 from ofg_jax import config as config_lib
 from ofg_jax import models
 from ofg_jax import train_step

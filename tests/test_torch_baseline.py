@@ -14,7 +14,7 @@ from scipy import ndimage
 
 torch = pytest.importorskip("torch")
 
-from configs import default  # noqa: E402
+from ofg_jax.configs import default  # noqa: E402
 from experiments import torch_baseline as tb  # noqa: E402
 from ofg_jax import models, schedules, torch_adam, train_step  # noqa: E402
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import default
+from ofg_jax.configs import default
 from ofg_jax import checkpoint
 from ofg_jax import config as config_lib
 from ofg_jax import evaluation
@@ -245,7 +245,7 @@ def compilation_cache(tmp_path_factory):
 
 def load_config(name):
     import importlib
-    return importlib.import_module(f"configs.{name}").get_config()
+    return importlib.import_module(f"ofg_jax.configs.{name}").get_config()
 
 
 def tiny_run_config(name="demo", root=None, **train_overrides):

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from configs import demo
+from ofg_jax.configs import demo
 from ofg_jax import cli
 from ofg_jax import config as config_lib
 from ofg_jax import train

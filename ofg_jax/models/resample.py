@@ -131,6 +131,6 @@ def avg_pool3_stride2(x: jax.Array) -> jax.Array:
         pad[axis] = (1, 1 + n % 2)
         xp = jnp.pad(x, pad)
         m = (n + 1) // 2
-        take = lambda start: jax.lax.slice_in_dim(xp, start, start + 2 * m, 2, axis)
-        x = take(0) + take(1) + take(2)
+        x = sum(jax.lax.slice_in_dim(xp, start, start + 2 * m, 2, axis)
+                for start in range(3))
     return x / 3 ** ndim
