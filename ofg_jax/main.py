@@ -1,16 +1,17 @@
-"""Command line entry point: parses flags and runs ``train.train_and_evaluate``.
+"""Trains and evaluates a registration network: ``ofg-train`` (``python -m ofg_jax.main``).
 
-    python -m ofg_jax.main --config=configs/ixi.py --config.data.root=/data/IXI_data
-    python -m ofg_jax.main --config=configs/demo.py --workdir=/tmp/demo
-    python -m ofg_jax.main                      # the synthetic demo
+    ofg-train --config=ixi --config.data.root=/data/IXI_data
+    ofg-train --config=configs/demo.py --workdir=/tmp/demo
+    ofg-train                                   # the synthetic demo
 
-Any config field can be overridden with ``--config.<path>=<value>``. The outputs
-go to ``--workdir`` (default ``./workdir/<config file name>``); re-running with
-the same workdir resumes the run (with the same config). Expected errors print
-one ``error:`` line and exit with status 2 (command line, config), 1 (data,
-workdir, disk, a diverging loss) or 130 (Ctrl-C or SIGTERM, after writing a
-checkpoint); ``--traceback`` shows the full Python traceback instead. The work
-itself lives in ``ofg_jax.train``; this module only reads the command line.
+``--config`` names a shipped config or a config file; any field can be
+overridden with ``--config.<path>=<value>``. The outputs go to ``--workdir``
+(default ``./workdir/<config name>``); re-running with the same workdir resumes
+the run (with the same config). Expected errors print one ``error:`` line and
+exit with status 2 (command line, config), 1 (data, workdir, disk, a diverging
+loss) or 130 (Ctrl-C or SIGTERM, after writing a checkpoint); ``--traceback``
+shows the full Python traceback instead. The work itself lives in
+``ofg_jax.train``; this module only reads the command line.
 """
 
 import logging
@@ -68,6 +69,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
     Exits with one ``error:`` line and status 2 on a bad flag or config.
     """
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        # absl lists the flags of the ``__main__`` module, which a console script
+        # is not: list this module's.
+        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\n"
+              + flags.FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
     overrides = [arg for arg in argv[1:] if _OVERRIDE.match(arg)]
     try:
         rest = flags.FLAGS([arg for arg in argv if arg not in overrides])
@@ -90,6 +97,7 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str]) -> None:
+    """Trains as the parsed flags say (``app.run`` calls it after :func:`parse_flags`)."""
     del argv
     absl_logging.get_absl_handler().addFilter(_quiet_libraries)
     # Imported after flag parsing, so that flag errors are reported at once.
