@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 # JAX's own deadline, past ours: its expiry aborts the process without a message.
 _JAX_DEADLINE_MARGIN_S = 60
-EXIT_FAILURE = 1  # ``ofg_jax.cli.EXIT_FAILURE``: the distributed runtime did not start.
+_EXIT_FAILURE = 1  # ``ofg_jax.cli.EXIT_FAILURE``: the distributed runtime did not start.
 _TEXT_BYTES = 2048  # Room for a message shared by :func:`text_from_first_process`.
 
 
@@ -66,7 +66,7 @@ def initialize(coordinator_address: Optional[str] = None,
               "started, with the same --coordinator_address and --num_processes, "
               "and that process 0's host and port are reachable "
               "(--distributed_timeout sets the wait)", file=sys.stderr, flush=True)
-        os._exit(EXIT_FAILURE)  # The connecting thread cannot be interrupted.
+        os._exit(_EXIT_FAILURE)  # The connecting thread cannot be interrupted.
 
     watchdog = threading.Timer(timeout_s, give_up)
     watchdog.daemon = True

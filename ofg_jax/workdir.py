@@ -70,9 +70,10 @@ def exclusive(workdir: str) -> Iterator[None]:
     every process learns whether it got it (a collective).
 
     Raises:
-      WorkdirInUseError: another run holds the lock (on every process of the
-        job); the message names the holder's host and pid.
+      WorkdirInUseError: another run holds the lock; the message names the
+        holder's host and pid.
       NotADirectoryError, PermissionError: see :func:`check_writable`.
+      OSError: on the other processes of a job, process 0's error.
     """
     check_writable(workdir)
     with contextlib.ExitStack() as held:
@@ -86,7 +87,7 @@ def exclusive(workdir: str) -> Iterator[None]:
         if error is not None:
             raise error
         if refusal:
-            raise WorkdirInUseError(f"process 0: {refusal}")
+            raise OSError(f"process 0: {refusal}")
         yield
 
 
@@ -190,9 +191,10 @@ class CheckedRun:
 
 def check_run(config: ml_collections.ConfigDict, workdir: str,
                   allow_config_change: bool) -> CheckedRun:
-    """Checks the config, the workdir, every training and validation file, the
-    network's grid and, when ``workdir`` holds a run, that ``config`` is its config
-    (``ofg_jax.config.check_resume``); writes nothing.
+    """Checks the config, every training and validation file, the network's grid
+    and, when ``workdir`` holds a run, that ``config`` is its config
+    (``ofg_jax.config.check_resume``); writes nothing. (:func:`exclusive`
+    checks that the workdir can be written.)
 
     Raises:
       ConfigError: an invalid setting or a refused change of a resumed run.
@@ -200,7 +202,6 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
     """
     config = config_lib.complete(config)
     config_lib.validate(config)
-    check_writable(workdir)
     recorded = recorded_config(workdir)
     data = data_lib.create(config.data, config.seed)
     record = config_lib.record(config, data.full_size)

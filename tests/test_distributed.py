@@ -9,6 +9,7 @@ holds one run at a time.
 """
 
 import csv
+import json
 import os
 import pathlib
 import signal
@@ -109,6 +110,15 @@ def rows(workdir, split):
     return dict(found)
 
 
+def train_rows(workdir) -> int:
+    """How many training rows ``metrics.csv`` holds so far (it may be mid-write)."""
+    try:
+        with open(os.path.join(workdir, "metrics.csv")) as f:
+            return sum(",train," in line for line in f)
+    except FileNotFoundError:
+        return 0
+
+
 def wait_for(condition, what):
     deadline = time.time() + TIMEOUT_S
     while not condition():
@@ -126,8 +136,8 @@ def one_error_line(err):
 
 @pytest.fixture(scope="module")
 def reference(cache, tmp_path_factory):
-    """One process with two devices, ``STEPS`` steps: ``(workdir, what a two-process
-    job started on that workdir while it ran printed)``."""
+    """One process with two devices, ``STEPS`` steps: ``(workdir, its pid, [(exit
+    status, stdout, stderr)] of a two-process job started there while it ran)``."""
     workdir = tmp_path_factory.mktemp("reference") / "work"
     first = start(cache, workdir, *cli_args(**{"train.max_steps": STEPS}), job=(),
                   devices=2)
@@ -164,16 +174,17 @@ def test_two_processes_train_and_resume_like_one_process_with_two_devices(
     reference_dir = reference[0]
     workdir = tmp_path / "work"
     procs = start(cache, workdir, *cli_args())  # 60 steps: stopped long before
-    wait_for(lambda: (workdir / "metrics.csv").exists() and len(rows(workdir, "train")) >= 2
-             or any(p.poll() is not None for p in procs), "two training steps")
+    wait_for(lambda: train_rows(workdir) >= 2 or any(p.poll() is not None for p in procs),
+             "two training steps")
     for proc in procs:
         proc.send_signal(signal.SIGINT)
-    stopped = None
+    stops = set()
     for status, _, err in finish(procs):
         assert status == cli.EXIT_INTERRUPTED, err[-3000:]
         line = one_error_line(err)
         assert "interrupted by SIGINT" in line and "run the same command again" in line
-        stopped = stopped or int(line.split(" at step ")[1].split()[0])
+        stops.add(int(line.split(" at step ")[1].split()[0]))
+    [stopped] = stops  # Both processes stopped at the same step.
     checkpoints = sorted(int(s) for s in os.listdir(workdir / "checkpoints"))
     assert checkpoints[-1] == stopped and 2 <= stopped < STEPS - 2, (stopped, checkpoints)
 
@@ -204,13 +215,18 @@ def test_two_processes_train_and_resume_like_one_process_with_two_devices(
 
 def test_two_processes_of_two_devices_train_a_batch_of_four(cache, tmp_path):
     """Each process feeds its two devices its half of every global batch; process
-    0 writes the summary and the figures."""
+    0 writes the summary and the figures, of the best checkpoint, which every
+    process restores."""
     overrides = {"train.batch_size": 4, "train.max_steps": 2}
     workdir = tmp_path / "work"
-    results = run(cache, workdir, *cli_args(**overrides, **{"train.figures": True}),
-                  devices=2)
+    results = run(cache, workdir, *cli_args(**overrides, **{
+        "train.figures": True, "checkpoint.keep_best": 3}), devices=2)
     assert "outputs in" in results[0][1] and "outputs in" not in results[1][1]
-    assert (workdir / "summary.json").is_file()
+    with open(workdir / "summary.json") as f:
+        summary = json.load(f)
+    # The figures' checkpoint is not the final state: it was restored.
+    assert summary["best"]["step"] != summary["final"]["step"] == 2
+    assert str(summary["best"]["step"]) in os.listdir(workdir / "checkpoints")
     assert (workdir / "figures" / "curves.png").is_file()
 
     config = config_lib.load("demo", [arg[len("--config."):]
