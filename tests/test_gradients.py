@@ -51,9 +51,8 @@ def test_warp_and_slopes_match_warp_and_its_derivatives(shape):
         np.testing.assert_allclose(slope, jvp, atol=1e-5)
         # Against float64 NumPy: the slope at a voxel is d warped[x] / d disp[x, k].
         for x in some_points(shape, 4, seed=k):
-            def at_x(d):
-                return np_warp(moving, d)[x]
-            fd = finite_differences(at_x, disp, [x + (k,)])[0]
+            fd = finite_differences(lambda d, x=x: np_warp(moving, d)[x], disp,
+                                    [x + (k,)])[0]
             np.testing.assert_allclose(slope[x], fd, rtol=1e-3, atol=1e-4)
 
 

@@ -215,30 +215,32 @@ def _depth_stacked_conv(x, kernel, out=None):
                    for a in range(k))
 
     chunk = max(1, _CHUNK_BYTES // (b * h * w * k * o * x.dtype.itemsize))
-    if chunk >= d:
+    n = min(chunk, d - 2 * p)
+    if chunk >= d or n < 1:
         y = taps(x)[:, p:p + d]
         return y if out is None else out + y
 
-    # The chunk of input slices [s, s + n) adds its taps to the output slices
-    # [s - p, s + n + p), in place. Inside the loop that window lies inside the
-    # volume; the chunks at the two ends (static s) add the part that does.
-    def add_chunk(out, s, n):
-        if isinstance(s, int):
-            # Made from ``out`` (plus exact zeros): XLA would otherwise compute
-            # the last chunk's taps before the loop and keep them through it.
-            xs = lax.slice_in_dim(x, s, s + n, axis=1)
-            y = taps(xs + _zeros_after(out, xs.shape))
-            lo, hi = max(s - p, 0), min(s + n + p, d)
-            y = lax.slice_in_dim(y, lo - (s - p), hi - (s - p), axis=1)
-            slab = lax.slice_in_dim(out, lo, hi, axis=1)
-            return lax.dynamic_update_slice_in_dim(out, slab + y, lo, axis=1)
-        y = taps(lax.dynamic_slice_in_dim(x, s, n, axis=1))
-        slab = lax.dynamic_slice_in_dim(out, s - p, n + 2 * p, axis=1)
-        return lax.dynamic_update_slice_in_dim(out, slab + y, s - p, axis=1)
+    # Chunk i adds the taps of the input slices [s, s + n) (s = i n) to the output
+    # slices [s - p, s + n + p). Every chunk reads and writes windows that lie
+    # inside the volume, so that the output is updated in place: the last chunk
+    # reads the last n slices and zeroes those that the one before it read, and
+    # the windows of the first and last chunks' output are shifted inside, their
+    # taps rolled along and masked where they fall off the volume.
+    def add_chunk(i, out):
+        s = i * n
+        sx = jnp.minimum(s, d - n)
+        xs = lax.dynamic_slice_in_dim(x, sx, n, axis=1)
+        xs = jnp.where((sx + jnp.arange(n) >= s)[None, :, None, None, None], xs, 0)
+        c = jnp.clip(sx - p, 0, d - n - 2 * p)
+        y = jnp.roll(taps(xs), sx - p - c, axis=1)   # y[j] lands on slab row j + shift
+        src = c + jnp.arange(n + 2 * p) - (sx - p)
+        y = jnp.where(((src >= 0) & (src < n + 2 * p))[None, :, None, None, None], y, 0)
+        slab = lax.dynamic_slice_in_dim(out, c, n + 2 * p, axis=1)
+        return lax.dynamic_update_slice_in_dim(out, slab + y, c, axis=1)
 
     if out is None:
         out = _zeros_after(x, (b, d, h, w, o))
-    return _chunked(d, chunk, p, p, out, add_chunk)
+    return lax.fori_loop(0, -(-d // n), add_chunk, out)
 
 
 def _zeros_after(x, shape):
