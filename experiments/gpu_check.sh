@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 16 in one pass, every output under one folder:
+# The GPU checks in one pass, every output under one folder:
 #
 #   experiments/gpu_check.sh OUT_DIR            # full size, on a GPU machine
 #   experiments/gpu_check.sh OUT_DIR --small    # dry run at a small size (any CPU)
@@ -20,14 +20,15 @@
 #   e. the benchmark again: JAX bfloat16 (model.dtype=bfloat16) and PyTorch under
 #      torch.compile, the OFG step and the forward pass.
 #
-# Wheels (the device machine has no network): on a machine with pip and network,
-# from the repository root,
+# What it needs: a GPU machine with JAX (CUDA), PyTorch, flax, optax,
+# orbax-checkpoint and scipy installed. It needs no network: the Python packages
+# such a machine may lack are installed from wheels in .whl/ beside the checkout,
+# which a machine with network prepares, from the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux2014_x86_64 --platform any -d .whl \
 #     nibabel ml-collections tensorboardX
-# and carry .whl with the run (device tool: carry=[".whl"]). Everything else
-# (jax[cuda], flax, optax, orbax-checkpoint, torch, scipy, ...) is on the image.
+# and copies to the GPU machine together with the checkout.
 set -uo pipefail
 
 OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR [--small]}
@@ -57,7 +58,7 @@ stage() {  # stage NAME MIN_SECONDS COMMAND...: runs COMMAND within the time lef
   echo "== $name: exit $rc after $(( $(date +%s) - s )) s" | tee -a "$OUT/stages.txt"
 }
 
-# Sizes: the issue's full size on the GPU; a small one for the dry run.
+# Sizes: the full size (160x192x224) on the GPU; a small one for the dry run.
 # The dry run exercises every command with tiny transformers and only collects
 # the tests (running them is the GPU's part; on a CPU the suite covers them).
 if (( SMALL )); then

@@ -3,7 +3,7 @@
 The built-in ``synthetic`` dataset renders every subject when it is loaded, which
 at 160x192x224 takes seconds per volume: more than a GPU training step. For a
 training run on a fast device this writes the same phantoms once, with one
-process per core, in the layout of ``ofg_jax/data/README_DATA.md`` (``oasis``):
+process per core, in the layout of the ``oasis`` dataset (``docs/datasets.md``):
 ``ROOT/Train/<i>.pkl`` holds ``(image, seg)``, ``ROOT/Val/p_<i>_<j>.pkl`` holds
 ``(moving, fixed, moving_seg, fixed_seg)``. The 26 phantom labels lie within
 OASIS's 1..35.

@@ -40,6 +40,7 @@ def exit_status(error: BaseException) -> int:
 
 
 def define_traceback_flag(fv: flags.FlagValues) -> None:
+    """Defines ``--traceback`` (show the traceback of expected errors) in ``fv``."""
     flags.DEFINE_bool("traceback", False, "Show the traceback of expected errors.",
                       flag_values=fv)
 

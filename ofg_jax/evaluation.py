@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ofg_jax import distributed
 from ofg_jax.inference import predict
 from ofg_jax.metrics import dice_per_label
 from ofg_jax.metrics import non_positive_jacobian_pct
@@ -156,18 +157,22 @@ def evaluate(eval_fn: PairMetricsFn, variables: Any, pairs: Sequence[Any],
         ``moving_seg`` and ``fixed_seg`` (integer ``(*S)``).
       labels: the labels ``eval_fn`` was built for, to name the per-label columns.
       dice_over: how a pair's Dice averages its labels (:data:`DICE_OVER`).
+
+    On several processes this is a collective: every process evaluates every
+    pair, and all return process 0's numbers.
     """
     if not pairs:
         raise ValueError("evaluation needs at least one validation pair, got none")
-    rows = []
-    for pair in pairs:
-        metrics = jax.device_get(
-            eval_fn(variables, jnp.asarray(pair.moving, jnp.float32),
-                    jnp.asarray(pair.fixed, jnp.float32),
-                    jnp.asarray(pair.moving_seg, jnp.int32),
-                    jnp.asarray(pair.fixed_seg, jnp.int32)))
-        rows.append(pair_row(pair.name, metrics, labels, dice_over=dice_over))
-    return EvalResult.from_rows(rows)
+    metrics = [jax.device_get(eval_fn(variables, jnp.asarray(pair.moving, jnp.float32),
+                                      jnp.asarray(pair.fixed, jnp.float32),
+                                      jnp.asarray(pair.moving_seg, jnp.int32),
+                                      jnp.asarray(pair.fixed_seg, jnp.int32)))
+               for pair in pairs]
+    # On several processes every one evaluates, and process 0's numbers count
+    # everywhere: the checkpoint kept as the best must be the same on all.
+    metrics = distributed.from_first_process(metrics)
+    return EvalResult.from_rows([pair_row(pair.name, m, labels, dice_over=dice_over)
+                                 for pair, m in zip(pairs, metrics)])
 
 
 def write_rows(path: str, result: EvalResult) -> None:

@@ -179,7 +179,18 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
     # Not checkpoint.Checkpoints: that one removes unfinished temporary
     # directories, which may be the save in progress of a running training.
     return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(create=False))
+        directory, options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+
+def _on_this_device(manager: ocp.CheckpointManager, step: int) -> Any:
+    """The shapes and dtypes of checkpoint ``step``'s train state, placed on this
+    process's first device: whatever devices and processes trained it."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+        manager.item_metadata(step).state)
 
 
 # ``load_trained(step=...)``: a step, the best by validation Dice, or the latest.
@@ -220,6 +231,8 @@ def load_trained(workdir: str, step: Selection = None) -> Trained:
     """Rebuilds the network of a training workdir and restores its variables.
 
     Only the network's variables are kept (the optimiser state is not needed).
+    They are placed on this process's first device, whatever devices and
+    processes trained them.
 
     Args:
       workdir: a workdir of ``python -m ofg_jax.main``.
@@ -241,7 +254,7 @@ def load_trained(workdir: str, step: Selection = None) -> Trained:
     try:
         step, selection = select_checkpoint(manager, step)
         state = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore())).state
+            state=ocp.args.StandardRestore(_on_this_device(manager, step)))).state
     finally:
         manager.close()
     variables = {"params": state["params"]}

@@ -1,16 +1,25 @@
-"""Command line entry point: parses flags and runs ``train.train_and_evaluate``.
+"""Trains and evaluates a registration network: ``ofg-train`` (``python -m ofg_jax.main``).
 
-    python -m ofg_jax.main --config=configs/ixi.py --config.data.root=/data/IXI_data
-    python -m ofg_jax.main --config=configs/demo.py --workdir=/tmp/demo
-    python -m ofg_jax.main                      # the synthetic demo
+    ofg-train --config=ixi --config.data.root=/data/IXI_data
+    ofg-train --config=configs/demo.py --workdir=/tmp/demo
+    ofg-train                                   # the synthetic demo
 
-Any config field can be overridden with ``--config.<path>=<value>``. The outputs
-go to ``--workdir`` (default ``./workdir/<config file name>``); re-running with
-the same workdir resumes the run (with the same config). Expected errors print
-one ``error:`` line and exit with status 2 (command line, config), 1 (data,
-workdir, disk, a diverging loss) or 130 (Ctrl-C or SIGTERM, after writing a
+``--config`` names a shipped config or a config file; any field can be
+overridden with ``--config.<path>=<value>``. The outputs go to ``--workdir``
+(default ``./workdir/<config name>``); re-running with the same workdir resumes
+the run (with the same config). Expected errors print one ``error:`` line and
+exit with status 2 (command line, config), 1 (data, workdir, a workdir in use
+by another run, disk, a diverging loss, processes of a ``--distributed`` job
+that did not all connect) or 130 (Ctrl-C or SIGTERM, after writing a
 checkpoint); ``--traceback`` shows the full Python traceback instead. The work
 itself lives in ``ofg_jax.train``; this module only reads the command line.
+
+With ``--distributed`` the same command runs once per process, for example two
+processes on one machine::
+
+    for i in 0 1; do ofg-train --config=demo --workdir=/tmp/wd --distributed \\
+        --coordinator_address=127.0.0.1:23456 --num_processes=2 --process_id=$i &
+    done; wait
 """
 
 import logging
@@ -38,15 +47,27 @@ _WORKDIR = flags.DEFINE_string(
     "./workdir/<config file name>. An existing run there is resumed.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
-    "Multi-host training: call jax.distributed.initialize() first. Under SLURM or "
-    "Open MPI the processes are found from the cluster's environment; elsewhere "
-    "pass --coordinator_address, --num_processes and --process_id.")
+    "Train with several processes (one per host, or one per GPU), on JAX's "
+    "distributed runtime: start the same command once per process. Under SLURM or "
+    "Open MPI the processes are found from the job's environment; elsewhere pass "
+    "--coordinator_address, --num_processes and --process_id to each. Process 0 "
+    "writes the workdir, which every process must see (a shared file system).")
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 (with --distributed).")
+    "coordinator_address", None,
+    "host:port of process 0, reachable from every process (with --distributed); "
+    "process 0 listens on that port.")
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes (with --distributed).")
+    "num_processes", None, "Number of processes of the job (with --distributed).",
+    lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index, 0 .. num_processes - 1.")
+    "process_id", None,
+    "This process's index, 0 .. num_processes - 1 (with --distributed).",
+    lower_bound=0)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    "distributed_timeout", 300.0,
+    "Seconds each process waits for all --num_processes processes to connect "
+    "(with --distributed); past it, the process ends with one error line.",
+    lower_bound=1.0)
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Resume a run although train.epochs, data.root or data.num_val changed (the "
@@ -68,17 +89,35 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
     Exits with one ``error:`` line and status 2 on a bad flag or config.
     """
+    if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+        # absl lists the flags of the ``__main__`` module, which a console script
+        # is not: list this module's.
+        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\n"
+              + flags.FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
     overrides = [arg for arg in argv[1:] if _OVERRIDE.match(arg)]
     try:
         rest = flags.FLAGS([arg for arg in argv if arg not in overrides])
         if len(rest) > 1:
             raise cli.UsageError(f"unexpected arguments {rest[1:]}")
+        _check_distributed_flags()
         _loaded["config"] = config_lib.load(
             _CONFIG.value, [_OVERRIDE.sub("", arg) for arg in overrides])
     except (flags.Error, cli.UsageError, config_lib.ConfigError) as e:
         cli.print_error(e)
         sys.exit(cli.EXIT_USAGE)
     return rest
+
+
+def _check_distributed_flags() -> None:
+    given = [f"--{flag.name}" for flag in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+             if flag.value is not None]
+    if given and not _DISTRIBUTED.value:
+        raise cli.UsageError(f"{', '.join(given)} without --distributed")
+    if (_NUM_PROCESSES.value is not None and _PROCESS_ID.value is not None
+            and _PROCESS_ID.value >= _NUM_PROCESSES.value):
+        raise cli.UsageError(f"--process_id={_PROCESS_ID.value} is not below "
+                             f"--num_processes={_NUM_PROCESSES.value}")
 
 
 def _quiet_libraries(record: logging.LogRecord) -> bool:
@@ -90,19 +129,20 @@ def _quiet_libraries(record: logging.LogRecord) -> bool:
 
 
 def main(argv: Sequence[str]) -> None:
+    """Trains as the parsed flags say (``app.run`` calls it after :func:`parse_flags`)."""
     del argv
     absl_logging.get_absl_handler().addFilter(_quiet_libraries)
     # Imported after flag parsing, so that flag errors are reported at once.
-    import jax  # pylint: disable=g-import-not-at-top
+    from ofg_jax import distributed  # pylint: disable=g-import-not-at-top
     from ofg_jax import train  # pylint: disable=g-import-not-at-top
 
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                   _PROCESS_ID.value)
     config_file = _CONFIG.value or str(config_lib.DEMO_CONFIG)
     workdir = _WORKDIR.value or os.path.join(
         "workdir", pathlib.Path(config_file.split(":", 1)[0]).stem)
     try:
+        if _DISTRIBUTED.value:
+            distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                   _PROCESS_ID.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
         train.train_and_evaluate(_loaded["config"], workdir,
                                  allow_config_change=_ALLOW_CONFIG_CHANGE.value,
                                  force_evaluate=_FORCE_EVALUATE.value)

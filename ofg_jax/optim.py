@@ -14,6 +14,7 @@ import optax
 
 
 class TorchAdamState(NamedTuple):
+    """The state of :func:`scale_by_torch_adam`; the moments have the params' structure."""
     count: jax.Array  # steps taken, int32 scalar
     mu: optax.Updates  # first moment
     nu: optax.Updates  # second moment

@@ -7,7 +7,7 @@ and inserts the all-reduce of the gradients (the batch mean of the loss). On
 several hosts, each process loads only its own slice of the global batch.
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -19,6 +19,12 @@ DATA_AXIS = "data"
 def data_mesh() -> Mesh:
     """A 1D mesh over ``jax.devices()`` (all hosts), axis ``"data"``."""
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def progress_disabled() -> Optional[bool]:
+    """tqdm's ``disable`` of this process: only the first one draws progress bars
+    (None: tqdm's own choice, off where stderr is no terminal)."""
+    return None if jax.process_index() == 0 else True
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
@@ -42,8 +48,21 @@ def local_slice(batch_size: int) -> slice:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """``tree`` with every array replicated on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    """``tree`` with every array replicated on every device of ``mesh``.
+
+    On several processes every process must pass the same values (a state
+    initialised from the same seed): each one fills its own devices from its
+    host copy, so nothing is sent between processes. (``jax.device_put`` of an
+    array that is already on a device would go through JAX's cross-host
+    transfer, whose results orbax cannot save on CPU processes.)
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
 
 
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:

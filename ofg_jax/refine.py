@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import optax
 
 from ofg_jax._shapes import check_disp, check_same_spatial
-from ofg_jax.ncc import ncc_to
+from ofg_jax.ncc import ncc_gradient_to, ncc_to
 from ofg_jax.optim import torch_adam
-from ofg_jax.regularizers import grad_loss
+from ofg_jax.regularizers import grad_loss, grad_loss_gradient
 from ofg_jax.resolution import block_mean
-from ofg_jax.warp import warp
+from ofg_jax.warp import warp, warp_and_slopes
 
 SIMILARITIES = ("ncc", "mse")
 OPTIMIZERS = ("amsgrad", "adam", "sgd")
@@ -57,6 +57,35 @@ def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     return lambda disp: (data(warp(moving, disp))
                          + reg_weight * grad_loss(disp, penalty=penalty))
+
+
+def _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
+    """:func:`_energy_fn` with its gradient in ``disp`` written out, for the inner loop.
+
+    The same value; the gradient is ``jax.grad`` of it up to float32 rounding, in
+    fewer passes over memory (``warp_and_slopes``, ``ncc_gradient_to``,
+    ``grad_loss_gradient``). Reverse mode only.
+    """
+    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    if similarity == "ncc":
+        ncc_gradient = ncc_gradient_to(fixed, window=window)
+        data_gradient = lambda warped: -ncc_gradient(warped)
+    else:
+        data_gradient = jax.grad(lambda warped: jnp.mean((fixed - warped) ** 2))
+
+    def gradient(disp):
+        warped, slopes = warp_and_slopes(moving, disp)
+        g_warped = data_gradient(warped)
+        smooth = reg_weight * grad_loss_gradient(disp, penalty=penalty)
+        # Each component in one expression: XLA then computes the whole gradient
+        # in one pass, where a sum of two stacked arrays has each optimiser
+        # update recompute one of them.
+        return jnp.stack([g_warped * slope + smooth[..., k]
+                          for k, slope in enumerate(slopes)], axis=-1)
+
+    inner = jax.custom_vjp(energy)
+    inner.defvjp(lambda disp: (energy(disp), disp), lambda disp, g: (g * gradient(disp),))
+    return inner
 
 
 def _optimizer(optimizer: Optimizer, learning_rate, default_lr: float
@@ -125,7 +154,7 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
         to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
         params = block_mean(start, downsample, spatial_dims=start.ndim - 1)
     opt = _optimizer(optimizer, learning_rate, default_lr=0.1)
-    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    energy = _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
     return _minimise(lambda p: energy(to_field(p)), to_field, params, opt, steps)
 
 
@@ -189,5 +218,5 @@ def refine_with_network(moving: jax.Array, fixed: jax.Array, disp: jax.Array,
         return start + network.apply({"params": p}, pair, train=False)[0]
 
     opt = _optimizer(optimizer, learning_rate, default_lr=1e-3)
-    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    energy = _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
     return _minimise(lambda p: energy(to_field(p)), to_field, params, opt, steps)

@@ -24,6 +24,7 @@ import tqdm
 
 from ofg_jax import checkpoint as checkpoint_lib
 from ofg_jax import data as data_lib
+from ofg_jax import distributed
 from ofg_jax import evaluation
 from ofg_jax import host_memory
 from ofg_jax import inference
@@ -77,8 +78,21 @@ class _Run:
 
 
 def _say(message: str) -> None:
-    """A line on stderr above the progress bar (never glued onto it)."""
-    tqdm.tqdm.write(message, file=sys.stderr)
+    """A line on stderr above the progress bar (never glued onto it); on several
+    processes only the first one speaks."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message, file=sys.stderr)
+
+
+def _stopping(run: _Run, step: Optional[int] = None) -> bool:
+    """Whether a stop signal ends training after ``step`` (None: now).
+
+    One process stops after any step. Several processes agree (a collective) at
+    every ``train.log_every``-th step, where the metrics are fetched anyway, so
+    that all stop and save at the same step.
+    """
+    every = 1 if jax.process_count() == 1 else run.config.train.log_every
+    return (step is None or step % every == 0) and run.stop.agreed() is not None
 
 
 def format_table(rows: dict[str, Optional[dict[str, Any]]]) -> str:
@@ -169,7 +183,7 @@ def _train_epoch(run: _Run, state: TrainState, step: int, meta: dict[str, Any],
             if every and step % every == 0 and step % run.steps_per_epoch:
                 _flush(run.log)  # Never save a state whose update was not finite.
                 meta = _save(run, state, step, meta)
-            if step >= run.total_steps or run.stop.signal:
+            if step >= run.total_steps or _stopping(run, step):
                 break
     finally:
         prefetcher.close()
@@ -178,16 +192,20 @@ def _train_epoch(run: _Run, state: TrainState, step: int, meta: dict[str, Any],
 
 
 def _figure_state(run: _Run, state: TrainState, meta: dict[str, Any]) -> tuple[Any, int]:
-    """Variables and step for the figures: the best checkpoint if kept, else ``state``."""
+    """Variables (on the host) and step for the figures: the best checkpoint if
+    kept, else ``state``. Every process must call it (a restore is collective)."""
     best = (meta.get("best") or {}).get("step")
     if best is not None and best != int(state.step) and best in run.checkpoints.all_steps():
         restored, _ = run.checkpoints.restore(best, state)
-        return restored.variables, best
-    return state.variables, int(state.step)
+        return jax.device_get(restored.variables), best
+    return jax.device_get(state.variables), int(state.step)
 
 
 def _write_figures(run: _Run, state: TrainState, meta: dict[str, Any]) -> None:
+    """Every process takes part; process 0 draws, on its own devices."""
     variables, step = _figure_state(run, state, meta)
+    if not run.chief:
+        return
     trained = inference.Trained(config=run.config, model=run.model, variables=variables,
                                 step=step, selection="in memory",
                                 img_size=run.img_size, workdir=run.workdir,
@@ -205,7 +223,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Everything is checked before anything is written: the config, the workdir,
     every training and validation file, the network's grid, and, when the
-    workdir holds a run, that this config is the run's (``config.json``).
+    workdir holds a run, that this config is the run's (``config.json``). The
+    run holds the workdir's lock (``workdir.exclusive``) from the start to the
+    end. On several processes (``jax.distributed``), every process calls this
+    with the same config: each trains on its share of every batch, process 0
+    writes.
 
     Args:
       config: a training config (``configs/*.py``).
@@ -219,30 +241,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
     Raises:
       ConfigError: invalid settings, or a resumed run whose config changed.
-      ValueError, OSError: invalid data or workdir (the message names them).
+      WorkdirInUseError: another run holds the workdir (its host and pid named).
+      ValueError, OSError: invalid data or workdir (the message names them), or
+        processes with different configs.
       NonFiniteLossError: if the loss or an update becomes non-finite; the
         checkpoints written before stay as they are.
       Interrupted: SIGINT or SIGTERM; a checkpoint of the last step was written.
     """
-    checked = workdir_lib.check_run(config, workdir, allow_config_change)
-    checkpoints = checkpoint_lib.Checkpoints(
-        os.path.join(workdir, "checkpoints"), checked.config.checkpoint.keep_best)
-    try:
-        resume_step = checkpoints.latest_step()
-        summary_path = os.path.join(workdir, workdir_lib.SUMMARY)
-        if (resume_step is not None and resume_step >= checked.total_steps
-                and os.path.isfile(summary_path) and not force_evaluate):
-            with open(summary_path) as f:
-                summary = json.load(f)
-            _say(f"{workdir} holds a finished run (step {resume_step}); nothing to do "
-                 "(--force_evaluate evaluates its final checkpoint again)")
-            print(format_table({key: summary.get(key) for key in
-                                ("identity", "initial", "final", "best")}))
-            print(workdir_lib.describe(workdir, checkpoints.all_steps()))
-            return summary
-        return _train(checked, checkpoints, resume_step, pseudo_labels, force_evaluate)
-    finally:
-        checkpoints.close()
+    with workdir_lib.exclusive(workdir):
+        checked = workdir_lib.check_run(config, workdir, allow_config_change)
+        distributed.check_same_on_every_process(
+            json.dumps(checked.record, sort_keys=True), "config")
+        checkpoints = checkpoint_lib.Checkpoints(
+            os.path.join(workdir, "checkpoints"), checked.config.checkpoint.keep_best)
+        try:
+            resume_step = checkpoints.latest_step()
+            summary_path = os.path.join(workdir, workdir_lib.SUMMARY)
+            if (resume_step is not None and resume_step >= checked.total_steps
+                    and os.path.isfile(summary_path) and not force_evaluate):
+                with open(summary_path) as f:
+                    summary = json.load(f)
+                _say(f"{workdir} holds a finished run (step {resume_step}); nothing to "
+                     "do (--force_evaluate evaluates its final checkpoint again)")
+                if jax.process_index() == 0:
+                    print(format_table({key: summary.get(key) for key in
+                                        ("identity", "initial", "final", "best")}))
+                    print(workdir_lib.describe(workdir, checkpoints.all_steps()))
+                return summary
+            return _train(checked, checkpoints, resume_step, pseudo_labels,
+                          force_evaluate)
+        finally:
+            checkpoints.close()
 
 
 def _train(checked: workdir_lib.CheckedRun, checkpoints: checkpoint_lib.Checkpoints,
@@ -304,11 +333,12 @@ def _train(checked: workdir_lib.CheckedRun, checkpoints: checkpoint_lib.Checkpoi
     if chief:
         with open(os.path.join(workdir, workdir_lib.SUMMARY), "w") as f:
             json.dump(summary, f, indent=2)
-        if config.train.figures:
-            _write_figures(run, state, meta)
-    print(format_table({key: meta[key] for key in ("identity", "initial", "final",
-                                                    "best")}))
-    print(workdir_lib.describe(workdir, checkpoints.all_steps()))
+    if config.train.figures:
+        _write_figures(run, state, meta)
+    if chief:
+        print(format_table({key: meta[key] for key in ("identity", "initial", "final",
+                                                        "best")}))
+        print(workdir_lib.describe(workdir, checkpoints.all_steps()))
     return summary
 
 
@@ -320,7 +350,7 @@ def _loop(run: _Run, state: TrainState, meta: dict[str, Any],
     step = int(state.step)
     throughput = Throughput()
     progress = tqdm.tqdm(total=run.total_steps, initial=step, unit="step",
-                         dynamic_ncols=True, disable=None)
+                         dynamic_ncols=True, disable=parallel.progress_disabled())
     try:
         if resume_step is None:
             identity = evaluation.evaluate(evaluation.make_identity_eval_fn(run.labels),
@@ -333,7 +363,7 @@ def _loop(run: _Run, state: TrainState, meta: dict[str, Any],
         elif force_evaluate and step >= run.total_steps:
             dice, meta = _evaluate(run, state, step, meta)
         while step < run.total_steps:
-            if run.stop.signal:
+            if _stopping(run):
                 raise Interrupted(_interrupted_message(run, step))
             targets = (pseudo_labels.for_epoch(state.variables,
                                                step // run.steps_per_epoch)

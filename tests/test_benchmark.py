@@ -92,9 +92,9 @@ def test_rejects_bad_counts(argv, name, capsys):
     assert exit_info.value.code != 0 and name in capsys.readouterr().err
 
 
-def test_profile_refine_rejects_zero_steps(capsys):
+def test_profile_refine_rejects_fewer_than_two_steps(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        profile_refine.main(["--steps", "0"])
+        profile_refine.main(["--steps", "1"])
     assert exit_info.value.code != 0 and "--steps" in capsys.readouterr().err
 
 
@@ -194,10 +194,17 @@ def test_a_failing_framework_is_reported_not_fatal(tmp_path):
     assert "jax failed" in proc.stdout
 
 
-def test_profile_refine_times_every_part():
-    medians = profile_refine.main(["--shape", "8,8,8", "--steps", "2", "--repeats", "1"])
-    assert set(medians) == {"warp", "ncc", "grad_loss", "energy", "refine_per_step"}
-    assert all(seconds > 0 for seconds in medians.values())
+def test_profile_refine_times_every_part(tmp_path):
+    out = tmp_path / "roofline.json"
+    times = profile_refine.main(["--shape", "8,8,8", "--steps", "2", "--repeats", "1",
+                                 "--roofline", "--json", str(out)])
+    assert set(times) == {"warp", "ncc", "grad_loss", "optimizer", "refine_step",
+                          "refine_per_step"}
+    assert all(cpu > 0 for _, cpu in times.values())
+    with open(out) as f:
+        record = json.load(f)
+    assert record["bytes"]["refine_step"] > profile_refine.FLOOR_BYTES_PER_VOXEL * 8 ** 3
+    assert all(gbs > 0 for gbs in record["bandwidth_gbs"].values())
 
 
 def test_bench_models_times_each_entry(tmp_path):

@@ -52,7 +52,7 @@ def check_override(config_file, key, text):
 
 
 def test_every_key_of_the_readme_tables_is_accepted_from_the_command_line():
-    keys = [key for key, _ in documented_keys(REPO / "README.md")
+    keys = [key for key, _ in documented_keys(REPO / "docs" / "training.md")
             if re.fullmatch(r"(seed|(model|train|ofg|checkpoint|data)\.[\w<>]+)", key)]
     assert len(keys) > 25  # The configs table was found.
     demo = config_lib.load(CONFIGS["demo"])
@@ -87,7 +87,7 @@ def test_a_misspelt_option_names_the_valid_ones():
 
 
 def test_every_data_key_of_the_data_readme_is_accepted():
-    rows = documented_keys(REPO / "ofg_jax" / "data" / "README_DATA.md", "data.")
+    rows = documented_keys(REPO / "docs" / "datasets.md", "data.")
     assert len(rows) > 12
     for key, datasets in rows:
         names = ["demo"] if datasets == "synthetic" else (

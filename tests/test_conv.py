@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from ofg_jax.models import layers
-from ofg_jax.models.layers import Conv3D, conv3d
+from ofg_jax.models import conv
+from ofg_jax.models.conv import conv3d
+from ofg_jax.models.layers import Conv3D
 
 # (batch, spatial, c_in, c_out, kernel, stride, padding)
 CASES = [
@@ -90,11 +91,11 @@ def _conv_and_grads(x, kernel, cotangent, impl):
 
 def test_chunked_loops_match_xla(monkeypatch):
     """Large volumes go through loops over chunks; force them on a small one."""
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 20_000)
-    monkeypatch.setattr(layers, "_MIN_CHUNK_ROWS", 100)
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 20_000)
+    monkeypatch.setattr(conv, "_MIN_CHUNK_ROWS", 100)
     loops = []
     fori_loop = jax.lax.fori_loop
-    monkeypatch.setattr(layers.lax, "fori_loop",
+    monkeypatch.setattr(conv.lax, "fori_loop",
                         lambda *args, **kw: loops.append(args[:2]) or fori_loop(*args, **kw))
     case = (2, (23, 8, 6), 3, 4, 3, 1, 1)
     x, kernel = _inputs(case, seed=9)
@@ -116,8 +117,8 @@ EDGE_PLANS = [(3, 3, 2_000), (10, 3, 2_000), (9, 3, 5_000), (12, 5, 3_000),
 
 @pytest.mark.parametrize("depth, k, budget", EDGE_PLANS)
 def test_chunk_edges_match_xla(monkeypatch, depth, k, budget):
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", budget)
-    monkeypatch.setattr(layers, "_MIN_CHUNK_ROWS", 10)
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", budget)
+    monkeypatch.setattr(conv, "_MIN_CHUNK_ROWS", 10)
     x, kernel = _inputs((1, (depth, 5, 6), 2, 3, k, 1, k // 2), seed=11)
     cotangent = jnp.asarray(np.random.default_rng(12).standard_normal((1, depth, 5, 6, 3)),
                             jnp.float32)
@@ -130,7 +131,7 @@ def test_chunk_plan_covers_every_slice_once():
     for d in range(1, 30):
         for chunk in range(1, d + 2):
             for before, after in ((1, 1), (2, 2), (0, 1), (1, 2)):
-                edge, start, count = layers._chunk_plan(d, chunk, before, after)
+                edge, start, count = conv._chunk_plan(d, chunk, before, after)
                 slices = [s + i for s, n in edge for i in range(n)]
                 slices += list(range(start, start + count * chunk))
                 assert sorted(slices) == list(range(d))
@@ -147,7 +148,7 @@ def test_large_volumes_need_no_copy_of_the_volume(monkeypatch):
     stay below half the input (a few slices' worth: the chunks), where padding or
     stacking the volume needed five volumes.
     """
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 40_000)
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 40_000)
     x = jax.ShapeDtypeStruct((1, 96, 24, 24, 8), jnp.float32)
     kernel = jax.ShapeDtypeStruct((3, 3, 3, 8, 8), jnp.float32)
 
@@ -169,7 +170,7 @@ def test_loop_accumulators_are_not_kept_across_layers(monkeypatch):
     the loops' start, which XLA merges into one array and copies for every
     loop, needed about nine.
     """
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 40_000)
+    monkeypatch.setattr(conv, "_CHUNK_BYTES", 40_000)
     x = jax.ShapeDtypeStruct((1, 96, 24, 24, 8), jnp.float32)
     kernels = [jax.ShapeDtypeStruct((3, 3, 3, 8, 8), jnp.float32)] * 4
 
@@ -190,7 +191,7 @@ def test_loop_accumulators_are_not_kept_across_layers(monkeypatch):
 def test_zeros_after_is_exactly_zero_for_any_input(first):
     x = jnp.asarray(np.random.default_rng(8).standard_normal((1, 4, 3, 3, 2)), jnp.float32)
     x = x.at[0, 0, 0, 0, 0].set(first)
-    zeros = layers._zeros_after(x, (2, 5, 3))
+    zeros = conv._zeros_after(x, (2, 5, 3))
     assert zeros.shape == (2, 5, 3) and zeros.dtype == x.dtype
     np.testing.assert_array_equal(zeros, 0)
 
@@ -201,8 +202,8 @@ def test_add_to_is_added_with_its_gradient(monkeypatch, impl, stride, budget):
     """``conv3d(..., add_to=a) == a + conv3d(...)``, values and all three gradients,
     in one piece and through the chunked loop (which accumulates into ``a``)."""
     if budget:
-        monkeypatch.setattr(layers, "_CHUNK_BYTES", budget)
-        monkeypatch.setattr(layers, "_MIN_CHUNK_ROWS", 100)
+        monkeypatch.setattr(conv, "_CHUNK_BYTES", budget)
+        monkeypatch.setattr(conv, "_MIN_CHUNK_ROWS", 100)
     rng = np.random.default_rng(9)
     x = jnp.asarray(rng.standard_normal((1, 20, 7, 6, 3)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)), jnp.float32)

@@ -11,7 +11,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from ofg_jax import models
 from ofg_jax.models.integrate import integrate_velocity
-from ofg_jax.models.layers import softmax
+from ofg_jax.models.activations import softmax
 from ofg_jax.models.resample import (avg_pool3_stride2, max_pool2, upsample_linear2,
                                      upsample_nearest2)
 from ofg_jax.models.transmorph import (WindowAttention, instance_norm_leaky_relu,

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from ofg_jax.configs import demo
 from ofg_jax import cli
 from ofg_jax import config as config_lib
 from ofg_jax import train
+from ofg_jax import workdir as workdir_lib
 from tests import data_fixtures
 from tests.compilation_cache import persistent_compilation_cache
 
@@ -242,3 +244,55 @@ def test_a_signal_writes_a_checkpoint_and_the_resume_is_exact(tmp_path, signum):
     assert sorted(resumed) == sorted(uninterrupted) == list(range(1, stopped + 3))
     np.testing.assert_allclose([resumed[s] for s in sorted(resumed)],
                                [uninterrupted[s] for s in sorted(resumed)], rtol=1e-6)
+
+
+HOLD_LOCK = """
+import sys
+from ofg_jax import workdir
+with workdir.exclusive(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # Until the test closes stdin or kills this process.
+"""
+
+
+def hold_lock(workdir):
+    """A process that holds the lock of ``workdir`` (a run in progress)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_a_locked_workdir_is_refused_and_a_killed_holder_does_not_block(finished,
+                                                                        tmp_path):
+    workdir, _ = finished
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", workdir, str(copy)], check=True)
+    holder = hold_lock(copy)
+    try:
+        before = snapshot(copy)
+        with pytest.raises(workdir_lib.WorkdirInUseError) as error:
+            train.train_and_evaluate(tiny(**{"train.max_steps": 3}), str(copy))
+        assert str(error.value) == (
+            f"workdir {copy} is in use by another run (host {socket.gethostname()}, "
+            f"pid {holder.pid}); wait for it to end, or use another --workdir")
+        assert snapshot(copy) == before  # Refused before anything was written.
+    finally:
+        holder.kill()  # SIGKILL: no clean-up; the operating system drops the lock.
+        holder.wait()
+    assert (copy / workdir_lib.LOCK).exists()
+    summary = train.train_and_evaluate(tiny(**{"train.max_steps": 3}), str(copy))
+    assert summary["steps"] == 3
+    assert not (copy / workdir_lib.LOCK).exists()  # Removed at the end of the run.
+
+
+def test_a_refused_new_run_leaves_no_workdir_and_frees_the_lock(tmp_path):
+    workdir = tmp_path / "new"
+    with pytest.raises(config_lib.ConfigError):
+        train.train_and_evaluate(tiny(**{"train.mode": "nope"}), str(workdir))
+    assert not workdir.exists()
+    holder = hold_lock(workdir)  # The lock is free again.
+    holder.stdin.close()
+    assert holder.wait(timeout=60) == 0
+    assert not workdir.exists()

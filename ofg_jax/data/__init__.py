@@ -3,7 +3,7 @@
 Every dataset is a :class:`RegistrationData`: a deterministic per-epoch training plan
 (:meth:`~RegistrationData.train_plan`), loading of a planned pair
 (:meth:`~RegistrationData.load_train`) and the validation pairs
-(:meth:`~RegistrationData.val_pairs`). See ``README_DATA.md`` for the file layouts.
+(:meth:`~RegistrationData.val_pairs`). The file layouts are in the guide ``docs/datasets.md``.
 A new dataset is one module with a ``RegistrationData`` subclass and one line in
 :data:`DATASETS`.
 """
@@ -31,7 +31,7 @@ def create(config: Any, seed: int) -> RegistrationData:
 
     Args:
       config: ``ml_collections.ConfigDict`` (or dict) with ``name`` and the keys
-        described in ``README_DATA.md``.
+        described in ``docs/datasets.md``.
       seed: seed of the training plans (shuffling, partners, flips).
 
     Returns:

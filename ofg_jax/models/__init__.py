@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from ofg_jax.models.base import RegistrationNetwork
 from ofg_jax.models.integrate import integrate_velocity
-from ofg_jax.models.layers import Conv3D, conv3d
+from ofg_jax.models.conv import conv3d
+from ofg_jax.models.layers import Conv3D
 from ofg_jax.models.transmorph import TransMorph
 from ofg_jax.models.vitvnet import ViTVNet
 from ofg_jax.models.voxelmorph import VoxelMorph

@@ -10,7 +10,8 @@ import numpy as np
 
 from ofg_jax.models.base import (RegistrationNetwork, check_divisible, check_img_size,
                                  remat_if)
-from ofg_jax.models.layers import Conv3D, gelu, softmax, torch_dense
+from ofg_jax.models.activations import gelu, softmax
+from ofg_jax.models.layers import Conv3D, torch_dense
 from ofg_jax.models.resample import avg_pool3_stride2, upsample_linear2
 
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ofg_jax.models.base import RegistrationNetwork, check_divisible, remat_if
-from ofg_jax.models.layers import Conv3D, gelu, relu, torch_dense
+from ofg_jax.models.activations import gelu, relu
+from ofg_jax.models.layers import Conv3D, torch_dense
 from ofg_jax.models.resample import max_pool2, upsample_linear2
 
 PATCH_SIZE = 8  # fixed: the decoder's five x2 upsamplings start from 1/32

@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 
 from ofg_jax.models.base import RegistrationNetwork, check_divisible
-from ofg_jax.models.layers import Conv3D, leaky_relu
+from ofg_jax.models.activations import leaky_relu
+from ofg_jax.models.layers import Conv3D
 from ofg_jax.models.resample import upsample_nearest2
 
 
