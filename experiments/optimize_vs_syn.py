@@ -379,8 +379,15 @@ COLUMNS = (("dice", "Dice", 3), ("hd95_mm", "HD95 mm", 2), ("error_mm", "error m
            ("command_seconds", "s whole command", 2))
 
 
+# The table's rows: the references around the methods.
+ROW_ORDER = ("identity (no registration)", "ofg_jax affine only", "ofg_jax (default)",
+             "ofg_jax (diffeomorphic)", "ANTs SyN (MI)", "ANTs SyN (CC, radius 4)",
+             "the known answer (upper bound)")
+
+
 def table(records: Sequence[dict]) -> str:
     from experiments import common
+    records = sorted(records, key=lambda r: ROW_ORDER.index(r["label"]))
     stats = common.aggregate(records, [c[0] for c in COLUMNS])
     rows = []
     for label, metrics in stats.items():

@@ -244,13 +244,17 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
     smooth enough that its discrete exponential does not fold.
 
     Args:
-      moving, fixed, levels, steps, learning_rate, reg_weight, similarity,
-        window, optimizer, int_steps: as in :func:`optimize_displacement`.
+      moving, fixed: as in :func:`optimize_displacement`.
+      levels, steps, learning_rate, reg_weight: as there.
+      similarity, window, optimizer, int_steps: as there.
 
     Returns:
       ``(*S, N)`` float32 velocity in voxels of ``fixed``; the displacement is
       ``integrate_velocity(v[None], int_steps)[0]`` and the inverse's
       ``integrate_velocity(-v[None], int_steps)[0]``.
+
+    Raises:
+      ValueError: as :func:`optimize_displacement`.
     """
     check_options(levels=levels, steps=steps, learning_rate=learning_rate,
                   reg_weight=reg_weight, similarity=similarity, window=window,
