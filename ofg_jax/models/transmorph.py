@@ -306,9 +306,11 @@ class TransMorph(RegistrationNetwork):
         ``window_size`` does not tile is zero-padded to a multiple of it, as the
         reference does; small grids run faster with smaller windows, e.g.
         ``window_size=(2, 2, 2)`` at 64^3.
-      embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias,
-      drop_rate, attn_drop_rate, drop_path_rate, reg_head_chan: the architecture
-        (defaults: the published configuration).
+
+    The other attributes (``embed_dim``, ``depths``, ``num_heads``,
+    ``window_size``, ``mlp_ratio``, ``qkv_bias``, ``drop_rate``,
+    ``attn_drop_rate``, ``drop_path_rate``, ``reg_head_chan``) set the
+    architecture; the defaults are the published configuration.
     """
 
     embed_dim: int = 96

@@ -212,10 +212,12 @@ class ViTVNet(RegistrationNetwork):
       img_size: ``(D, H, W)``, each divisible by 32 (two 2x downsamplings, then
         8^3 patches: the five decoder blocks bring the 1/32 token grid back to
         full resolution).
-      encoder_channels, hidden_size, num_layers, num_heads, mlp_dim,
-      dropout_rate, attention_dropout_rate, conv_first_channel, decoder_channels:
-      the architecture (defaults: the published configuration; the skip widths
-      follow from ``encoder_channels``: ``(c2, c2, c2, c1, c0)``).
+
+    The other attributes (``encoder_channels``, ``hidden_size``, ``num_layers``,
+    ``num_heads``, ``mlp_dim``, ``dropout_rate``, ``attention_dropout_rate``,
+    ``conv_first_channel``, ``decoder_channels``) set the architecture; the
+    defaults are the published configuration, and the skip widths follow from
+    ``encoder_channels``: ``(c2, c2, c2, c1, c0)``.
     """
 
     encoder_channels: Sequence[int] = (16, 32, 32)
