@@ -434,7 +434,7 @@ def test_scans_of_other_geometries_register_with_no_network(scans, tmp_path, cap
 
 
 def test_diffeomorphic_mode_recovers_a_known_deformation_and_a_second_process_reuses_it(
-        tmp_path):
+        tmp_path, capsys, cache_home):
     """A scan and the same scan deformed by a known smooth field, on one grid, in
     two processes sharing a cache folder: the field found (disp.nii.gz, voxels) is
     most of the known one with no det <= 0, and the second process loads the
@@ -447,16 +447,18 @@ def test_diffeomorphic_mode_recovers_a_known_deformation_and_a_second_process_re
                                         np.float32)
              for name, array in (("moving", image), ("fixed", np_warp(image, truth)))}
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "ofg_jax.register", f"--moving={paths['moving']}",
-               f"--fixed={paths['fixed']}", f"--out={out}", "--diffeomorphic",
-               "--inverse", "--levels=2,1", "--steps=40,20", "--learning-rate=0.2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path)}
-    logs = []
-    for _ in range(2):
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                                timeout=300, env=env)
-        assert result.returncode == 0, result.stderr
-        logs.append(result.stdout)
+    args = [f"--moving={paths['moving']}", f"--fixed={paths['fixed']}", f"--out={out}",
+            "--diffeomorphic", "--inverse", "--levels=2,1", "--steps=40,20",
+            "--learning-rate=0.2"]
+    # This process first (the cache in cache_home, empty), then another one.
+    status, stdout, stderr = run_main(capsys, *args)
+    assert status == 0, stderr
+    logs = [stdout]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_home)}
+    result = subprocess.run([sys.executable, "-m", "ofg_jax.register", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    logs.append(result.stdout)
     stdout = logs[1]
     assert "diffeomorphic (velocity, 7 squarings)" in stdout
     assert "inverse (exact: the negated velocity integrated" in stdout
@@ -467,7 +469,7 @@ def test_diffeomorphic_mode_recovers_a_known_deformation_and_a_second_process_re
     before = np.linalg.norm(truth[head], axis=-1).mean()
     after = np.linalg.norm((disp - truth)[head], axis=-1).mean()
     assert before > 1.0 and after < 0.5 * before, (before, after)
-    cache = tmp_path / "ofg_jax"
+    cache = cache_home / "ofg_jax"
     for log in logs:
         assert f"compilation cache: {cache}\n" in log
         assert re.search(r"^time: \S+ s for this pair, \S+ s of it compiling", log, re.M)
