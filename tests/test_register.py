@@ -57,6 +57,17 @@ def run_main(capsys, *args):
     return status, out, err
 
 
+def assert_apply_reproduces_warped_seg(out, moving_seg, path):
+    """``apply`` of the registration in ``out`` to the moving labels writes the
+    voxels of ``out/warped_seg.nii.gz``."""
+    from ofg_jax import apply
+    status = apply.main(["apply", f"--registration={out}", "--interpolation=nearest",
+                         f"--image={moving_seg}", f"--out={path}"])
+    assert status == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
+                                  np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj))
+
+
 @pytest.fixture(scope="module")
 def registered(workdir, files, tmp_path_factory):
     """One CLI run with segmentations and figures, with the trained network (the
@@ -329,13 +340,7 @@ def test_scans_of_other_geometries_register_with_one_command(workdir, tmp_path,
     assert np.count_nonzero(warped > 0.1) > 2000
     np.testing.assert_allclose(sitk_resample(scans["moving"], scans["fixed"], out),
                                warped, atol=1e-5)
-    from ofg_jax import apply
-    status = apply.main(["apply", f"--registration={out}", "--interpolation=nearest",
-                         f"--image={scans['moving_seg']}",
-                         f"--out={tmp_path / 'seg.nii.gz'}"])
-    assert status == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj),
-                                  np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj))
+    assert_apply_reproduces_warped_seg(out, scans["moving_seg"], tmp_path / "seg.nii.gz")
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -424,13 +429,7 @@ def test_scans_of_other_geometries_register_with_no_network(scans, tmp_path, cap
         np.zeros(fixed.shape + (3,), np.float32), fixed.affine, order=0))
     labels = [l for l in np.unique(fixed_seg) if l != 0]
     assert printed(stdout, "dice") > np.mean(np_dice(as_placed, fixed_seg, labels)) - 0.01
-    from ofg_jax import apply
-    status = apply.main(["apply", f"--registration={out}", "--interpolation=nearest",
-                         f"--image={scans['moving_seg']}",
-                         f"--out={tmp_path / 'seg.nii.gz'}"])
-    assert status == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj),
-                                  np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj))
+    assert_apply_reproduces_warped_seg(out, scans["moving_seg"], tmp_path / "seg.nii.gz")
 
 
 def test_diffeomorphic_mode_recovers_a_known_deformation_and_a_second_process_reuses_it(
