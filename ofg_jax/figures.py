@@ -162,7 +162,7 @@ def write_pair_figures(out_dir: str, fixed: np.ndarray, moving: np.ndarray,
     Args:
       out_dir: folder of the PNG files (created).
       fixed, moving: ``(D, H, W)`` images.
-      result: from ``ofg_jax.registration.register_arrays``: ``warped``, ``disp``
+      result: from ``ofg_jax.grid_registration.register_arrays``: ``warped``, ``disp``
         ``(D, H, W, 3)`` in voxels, ``jacobian``; ``warped_seg`` and ``dice`` when
         it had segmentations.
       fixed_seg: ``(D, H, W)`` labels; with ``result["warped_seg"]`` it adds

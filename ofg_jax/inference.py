@@ -19,7 +19,9 @@ import orbax.checkpoint as ocp
 
 from ofg_jax import config as config_lib
 from ofg_jax import data as data_lib
+from ofg_jax import geometry
 from ofg_jax import models
+from ofg_jax import nifti
 from ofg_jax.refiner import RefineSettings
 from ofg_jax.refiner import make_refiner
 from ofg_jax.resolution import block_mean
@@ -97,6 +99,48 @@ def registration_fn(trained: "Trained", refine_steps: int = 0
         return refiner(moving, fixed, disp, settings.learning_rate) if refiner else disp
 
     return lambda moving, fixed: register(trained.variables, moving, fixed)
+
+
+def network_geometry(config: ml_collections.ConfigDict
+                     ) -> tuple[tuple[float, float, float], str]:
+    """The voxel size (mm) and orientation (axis codes) of the network's grid.
+
+    ``config.data.spacing`` and ``config.data.orientation`` where the config
+    states them; where they are None, read from the header of the training
+    data's first image (the NIfTI datasets; the data must be on disk).
+
+    Raises:
+      ValueError: no geometry in the config and none readable from the data.
+    """
+    spacing, axcodes = config.data.get("spacing"), config.data.get("orientation")
+    if spacing is None or axcodes is None:
+        header_grid = geometry.grid_of(nifti.load(_header_source(config),
+                                                  "training image"))
+        spacing = header_grid.spacing if spacing is None else spacing
+        axcodes = header_grid.axcodes if axcodes is None else axcodes
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"data.spacing must be 3 positive voxel sizes in mm, got "
+                         f"{spacing}")
+    geometry.orientation_matrix(axcodes)  # Checks the codes.
+    return spacing, str(axcodes).upper()
+
+
+def _header_source(config: ml_collections.ConfigDict) -> str:
+    """A training image whose header gives the grid's geometry, or a ValueError."""
+    missing = ("the training config states no data.spacing / data.orientation "
+               "(voxel size and axis codes of the network's grid)")
+    try:
+        dataset = data_lib.create(config.data, config.seed)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{missing}, and the training data to read them from is not "
+                         f"available: {e}") from e
+    if getattr(dataset, "atlas_path", None):  # LPBA40: the atlas.
+        return dataset.atlas_path
+    if getattr(dataset, "train_keys", None):  # Abdomen CT: the first image.
+        return os.path.join(dataset.root, dataset.train_keys[0])
+    raise ValueError(f"{missing}, and the {config.data.name} data has no headers to "
+                     "read them from; set them in the config")
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -1,10 +1,12 @@
 """NIfTI files (anything nibabel reads): volumes, their grids, and writing results.
 
 Errors name the file: a file nibabel cannot read is a ``ValueError`` with the
-reason, a missing one a ``FileNotFoundError``.
+reason, a missing one a ``FileNotFoundError``. A NIfTI file whose header states
+no orientation is read as nibabel reads it, and :func:`orientation_warning` says
+so.
 """
 
-from typing import Union
+from typing import Optional, Union
 
 import nibabel as nib
 import numpy as np
@@ -48,6 +50,27 @@ def volume_grid(path: str, what: str = "NIfTI file"
         raise ValueError(f"{what} {path} has shape {tuple(image.shape)}; a 3D volume "
                          "is needed")
     return shape, np.asarray(image.affine, np.float64)
+
+
+def orientation_warning(path: str, what: str = "NIfTI file") -> Optional[str]:
+    """One line saying that a NIfTI file states no orientation, or None if it does.
+
+    With qform and sform codes both 0 the header gives voxel sizes but no
+    direction: nibabel (and so ofg_jax) then takes the axes as L, A, S
+    (``diag(-dx, dy, dz)``, NIfTI's "method 1"), which swaps left and right if
+    the scanner stored the voxels in RAS order. Other formats (``.mgz``) always
+    state an orientation.
+    """
+    image = load(path, what)
+    header = image.header
+    if not isinstance(header, nib.Nifti1Header) or header["qform_code"] or header[
+            "sform_code"]:
+        return None
+    axcodes = "".join(nib.aff2axcodes(image.affine))
+    zooms = "x".join(f"{z:.4g}" for z in header.get_zooms()[:3])
+    return (f"warning: {what} {path} states no orientation (qform and sform codes "
+            f"0): read as {axcodes} with {zooms} mm voxels, as nibabel assumes; if "
+            "that is wrong (left and right swapped), fix the header first")
 
 
 def read_array(path: str, *, labels: bool = False) -> np.ndarray:

@@ -3,9 +3,9 @@
 :func:`read_pairs_csv` reads the pairs of ``register --pairs``;
 :func:`check_headers` checks a pair's files from their headers alone, so that
 every pair of a batch is checked before the first is registered;
-:func:`register_files` registers one pair
-(``ofg_jax.registration.register_volumes``) and writes its outputs
-(``ofg_jax.transforms.OUTPUT_FILES``) only once everything is computed.
+:func:`register_files` registers one pair, with a trained network or by
+optimisation alone (``ofg_jax.registration.register_volumes``), and writes its
+outputs (``ofg_jax.transforms.OUTPUT_FILES``) only once everything is computed.
 """
 
 import csv
@@ -19,8 +19,8 @@ import numpy as np
 from ofg_jax import figures
 from ofg_jax import geometry
 from ofg_jax import nifti
-from ofg_jax.inference import Trained
 from ofg_jax.registration import AFFINE_TOLERANCE
+from ofg_jax.registration import Method
 from ofg_jax.registration import register_volumes
 from ofg_jax.transforms import AFFINE_FILE
 from ofg_jax.transforms import INVERSE_FILE
@@ -45,8 +45,12 @@ class PairFiles:
         return {what: path for what, path in roles.items() if path}
 
 
-def check_headers(files: PairFiles) -> None:
+def check_headers(files: PairFiles) -> list[str]:
     """Checks the input files of a pair from their headers alone (no voxels read).
+
+    Returns:
+      A warning line for each file whose header states no orientation
+      (``ofg_jax.nifti.orientation_warning``).
 
     Raises:
       FileNotFoundError: a missing file.
@@ -70,15 +74,21 @@ def check_headers(files: PairFiles) -> None:
             raise ValueError(f"{side} segmentation {seg_path} and its image "
                              f"{image_path} have different affines (entries differ "
                              f"by up to {difference:.4g}): they must share a grid")
+    warnings = (nifti.orientation_warning(path, what)
+                for what, path in files.roles().items())
+    return [line for line in warnings if line]
 
 
-def register_files(trained: Trained, files: PairFiles, out_dir: str, *,
+def register_files(method: Method, files: PairFiles, out_dir: str, *,
                    refine_steps: int = 0, with_figures: bool = False,
                    affine: bool = False, inverse: bool = False,
-                   fov_center: Optional[Sequence[float]] = None) -> dict[str, Any]:
+                   fov_center: Optional[Sequence[float]] = None,
+                   voxel_size: Optional[float] = None) -> dict[str, Any]:
     """Registers one pair of NIfTI files and writes the outputs into ``out_dir``.
 
-    The files must have passed :func:`check_headers`. Every voxel is read and
+    ``method`` is a trained network (``ofg_jax.inference.load_trained``) or the
+    settings of optimisation alone (``ofg_jax.optimize.OptimizeSettings``). The
+    files must have passed :func:`check_headers`. Every voxel is read and
     checked and the registration computed before anything is written. Returns
     the result of :func:`register_volumes` plus ``written``, the paths written.
     """
@@ -87,9 +97,10 @@ def register_files(trained: Trained, files: PairFiles, out_dir: str, *,
     moving_seg, fixed_seg = (read_volume(path, what, labels=True) if path else None
                              for path, what in ((files.moving_seg, "moving segmentation"),
                                                 (files.fixed_seg, "fixed segmentation")))
-    result = register_volumes(trained, moving, fixed, moving_seg, fixed_seg,
+    result = register_volumes(method, moving, fixed, moving_seg, fixed_seg,
                               refine_steps=refine_steps, affine=affine,
-                              inverse=inverse, fov_center=fov_center)
+                              inverse=inverse, fov_center=fov_center,
+                              voxel_size=voxel_size)
     fixed_image = nib.load(files.fixed)
     os.makedirs(out_dir, exist_ok=True)
     join = lambda name: os.path.join(out_dir, name)

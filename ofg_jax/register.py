@@ -1,16 +1,25 @@
-"""Registering your own scans with a trained network, from the command line.
+"""Registering your own scans, with no network or with a trained one, from the command line.
 
+    python -m ofg_jax.register --moving m.nii.gz --fixed f.nii.gz --out DIR [--affine]
     python -m ofg_jax.register --workdir W --moving m.nii.gz --fixed f.nii.gz --out DIR
-    python -m ofg_jax.register --workdir W --pairs pairs.csv --out DIR
+    python -m ofg_jax.register [--workdir W] --pairs pairs.csv --out DIR
 
-Scans of any shape, voxel size and orientation (anything nibabel reads). The
-network is rebuilt from ``W/config.json`` and restored from its best checkpoint
-by validation Dice when it is still on disk, else the latest
-(``--checkpoint=STEP`` picks one). Moving and fixed are resampled once onto the
-network's grid (the training data's voxel size and orientation, centred over
-the fixed image or ``--fov-center``; inputs already on the training grid are
-used as they are), optionally after an affine pre-alignment (``--affine``);
-the result comes back on the fixed image's own grid.
+Scans of any shape, voxel size and orientation (anything nibabel reads). Without
+``--workdir`` the field is found by optimisation alone (``ofg_jax.optimize``):
+coarse to fine (``--levels``, ``--steps``) on the fixed image's grid (or a grid
+of ``--voxel-size`` mm), minimising local NCC (or MSE) plus ``--reg-weight``
+times Grad; ``--diffeomorphic`` optimises a velocity field instead (no
+folding). With ``--workdir`` the network is rebuilt from ``W/config.json`` and
+restored from its best checkpoint by validation Dice when it is still on disk,
+else the latest (``--checkpoint=STEP`` picks one); moving and fixed are
+resampled once onto the network's grid (the training data's voxel size and
+orientation, centred over the fixed image or ``--fov-center``; inputs already
+on the training grid are used as they are). Either way an optional affine
+pre-alignment (``--affine``) comes first, the result comes back on the fixed
+image's own grid, and the log says which path ran. Compiled programs are kept
+in a persistent compilation cache (``$XDG_CACHE_HOME/ofg_jax``, by default
+``~/.cache/ofg_jax``; ``--nocompilation-cache`` turns it off), so that a second
+run on scans of the same shapes does not compile again.
 
 Into ``DIR`` go, with the fixed image's affine and header: ``warped.nii.gz``
 (the moving image sampled once through the whole transform, linear),
@@ -19,36 +28,55 @@ Into ``DIR`` go, with the fixed image's affine and header: ``warped.nii.gz``
 part), ``transform.nii.gz`` (an ITK / ANTs displacement field: LPS mm, fixed
 grid) and with ``--affine`` ``affine.mat`` (an ITK affine: ANTs applies
 ``-t transform.nii.gz -t affine.mat``); with ``--inverse`` ``inverse.nii.gz``
-(fixed <- moving, on the moving grid). Inputs on the training grid also get
-``disp.nii.gz`` (``(*S, 3)`` in voxels, component ``k`` along array axis ``k``:
-the fixed voxel ``x`` takes the moving value at ``x + disp(x)``, the Learn2Reg
-convention). Dice is the mean over the labels present in the fixed
-segmentation, 0 excluded. Other images of the moving subject:
-``python -m ofg_jax.apply``. From Python: ``ofg_jax.inference.load_trained``
-and ``ofg_jax.registration.register_volumes``.
+(fixed <- moving, on the moving grid). A field found on the fixed grid with the
+moving image as it is (the same grid, no affine) also gets ``disp.nii.gz``
+(``(*S, 3)`` in voxels, component ``k`` along array axis ``k``: the fixed voxel
+``x`` takes the moving value at ``x + disp(x)``, the Learn2Reg convention).
+Dice is the mean over the labels present in the fixed segmentation, 0
+excluded. Other images of the moving subject: ``python -m ofg_jax.apply``.
+From Python: ``ofg_jax.optimize_displacement`` (arrays),
+``ofg_jax.registration.register_volumes`` (volumes of any geometry) and
+``ofg_jax.inference.load_trained``.
 """
 
+import contextlib
 import csv
 import math
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from absl import flags
+import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from ofg_jax import cli
 from ofg_jax import inference
 from ofg_jax import pair_files
+from ofg_jax.compile_time import compile_clock
+from ofg_jax.optimize import OptimizeSettings
+from ofg_jax.optimize import check_options
 from ofg_jax.pair_files import PairFiles
+from ofg_jax.refine import OPTIMIZERS
+from ofg_jax.refine import SIMILARITIES
 
 SUMMARY_COLUMNS = ("name", "moving", "fixed", "dice", "non_pos_jacobian_pct",
                    "energy")
+DEFAULTS = OptimizeSettings()
+# Flags of one path only: (flag, the path it belongs to).
+NETWORK_FLAGS = ("refine-steps", "checkpoint", "fov-center")
+OPTIMIZATION_FLAGS = ("levels", "steps", "learning-rate", "reg-weight", "similarity",
+                      "window", "optimizer", "diffeomorphic", "int-steps", "voxel-size")
+# Programs that compile faster than this are not written to the persistent cache
+# (JAX's default is 1 s).
+CACHE_MIN_COMPILE_SECONDS = 0.0
 
 
 def _define_flags(fv: flags.FlagValues) -> None:
     define = dict(flag_values=fv)
     flags.DEFINE_string("workdir", None, "Training workdir (config.json, "
-                        "checkpoints/).", **define)
+                        "checkpoints/); without it the field is found by "
+                        "optimisation alone.", **define)
     flags.DEFINE_string("moving", None, "Moving image (NIfTI or anything nibabel "
                         "reads; any geometry).", **define)
     flags.DEFINE_string("fixed", None, "Fixed image (NIfTI); the outputs take its "
@@ -78,6 +106,33 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("fov-center", None, "X,Y,Z: centre (RAS mm, world "
                         "coordinates of the fixed image) of the network's field of "
                         "view; default: the fixed image's centre.", **define)
+    # Optimisation alone (no --workdir).
+    join = lambda values: ",".join(map(str, values))
+    flags.DEFINE_list("levels", join(DEFAULTS.levels), "No --workdir: pyramid factors, "
+                      "coarse to fine, each a multiple of the next.", **define)
+    flags.DEFINE_list("steps", join(DEFAULTS.steps), "No --workdir: optimiser updates "
+                      "at each level.", **define)
+    flags.DEFINE_float("learning-rate", DEFAULTS.learning_rate, "No --workdir: "
+                       "optimiser step, in voxels of each level.", **define)
+    flags.DEFINE_float("reg-weight", DEFAULTS.reg_weight, "No --workdir: weight of "
+                       "the Grad smoothness term.", **define)
+    flags.DEFINE_enum("similarity", DEFAULTS.similarity, list(SIMILARITIES),
+                      "No --workdir: ncc (local NCC, any contrast) or mse.", **define)
+    flags.DEFINE_integer("window", DEFAULTS.window, "No --workdir: NCC window width, "
+                         "voxels of each level (odd).", **define)
+    flags.DEFINE_enum("optimizer", DEFAULTS.optimizer, list(OPTIMIZERS),
+                      "No --workdir: the optimiser.", **define)
+    flags.DEFINE_bool("diffeomorphic", DEFAULTS.diffeomorphic, "No --workdir: "
+                      "optimise a stationary velocity field (scaling and squaring): "
+                      "no folding.", **define)
+    flags.DEFINE_integer("int-steps", DEFAULTS.int_steps, "No --workdir, "
+                         "--diffeomorphic: squarings of the integration.", **define)
+    flags.DEFINE_float("voxel-size", None, "No --workdir: optimise on a grid of this "
+                       "voxel size (mm) along the fixed image's axes, for large "
+                       "scans; default: the fixed grid.", **define)
+    flags.DEFINE_bool("compilation-cache", True, "Keep compiled programs in "
+                      "$XDG_CACHE_HOME/ofg_jax (~/.cache/ofg_jax) and reuse them.",
+                      **define)
     cli.define_traceback_flag(fv)
 
 
@@ -109,6 +164,88 @@ def _fov_center(value: Optional[str]) -> Optional[tuple[float, float, float]]:
     return center
 
 
+def _integers(fv: flags.FlagValues, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in fv[name].value)
+    except ValueError:
+        raise cli.UsageError(f"--{name} must be integers separated by commas, got "
+                             f"{','.join(fv[name].value)!r}") from None
+
+
+def _settings(fv: flags.FlagValues) -> OptimizeSettings:
+    """The optimiser's settings from the flags, checked."""
+    settings = OptimizeSettings(
+        levels=_integers(fv, "levels"), steps=_integers(fv, "steps"),
+        learning_rate=fv["learning-rate"].value, reg_weight=fv["reg-weight"].value,
+        similarity=fv.similarity, window=fv.window, optimizer=fv.optimizer,
+        diffeomorphic=fv.diffeomorphic, int_steps=fv["int-steps"].value)
+    try:
+        check_options(**settings.options())
+    except ValueError as e:
+        raise cli.UsageError(f"{e} (from --levels, --steps, ...)") from None
+    voxel_size = fv["voxel-size"].value
+    if voxel_size is not None and not (math.isfinite(voxel_size) and voxel_size > 0):
+        raise cli.UsageError(f"--voxel-size must be a positive number of mm, got "
+                             f"{voxel_size}")
+    return settings
+
+
+def _check_paths(fv: flags.FlagValues) -> None:
+    """Refuses flags of the other path: the network's without --workdir, the
+    optimiser's with it."""
+    given = lambda names: [f"--{name}" for name in names if fv[name].present]
+    if fv.workdir and given(OPTIMIZATION_FLAGS):
+        raise cli.UsageError(f"{', '.join(given(OPTIMIZATION_FLAGS))}: only for the "
+                             "optimisation without a network; leave out --workdir to "
+                             "use it")
+    if not fv.workdir and given(NETWORK_FLAGS):
+        raise cli.UsageError(f"{', '.join(given(NETWORK_FLAGS))}: only with a "
+                             "trained network (--workdir)")
+
+
+def compilation_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/ofg_jax``, or ``~/.cache/ofg_jax``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".cache")
+    return os.path.join(base, "ofg_jax")
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(enabled: bool) -> Iterator[str]:
+    """JAX's persistent compilation cache in :func:`compilation_cache_dir` (or
+    ``JAX_COMPILATION_CACHE_DIR`` when set) while active, or none; yields the
+    log line saying which. JAX's previous settings are restored on exit."""
+    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+             "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    directory = previous["jax_compilation_cache_dir"] or compilation_cache_dir()
+    if not enabled:
+        settings, line = {"jax_enable_compilation_cache": False}, (
+            "compilation cache: off (--nocompilation-cache): every program compiles")
+    else:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            enabled = False
+            settings, line = {"jax_enable_compilation_cache": False}, (
+                f"warning: compilation cache off: cannot create {directory}: {e}")
+        else:
+            settings = {"jax_enable_compilation_cache": True,
+                        "jax_compilation_cache_dir": directory,
+                        "jax_persistent_cache_min_compile_time_secs":
+                            CACHE_MIN_COMPILE_SECONDS}
+            line = f"compilation cache: {directory}"
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+    try:
+        yield line
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
 def _check_out_dirs(out: str, names: Sequence[str]) -> None:
     """Raises ``NotADirectoryError`` when an output folder is an existing file."""
     for path in [out] + [os.path.join(out, name) for name in names]:
@@ -122,40 +259,42 @@ def _format_metrics(result: dict[str, Any], refined: bool) -> str:
         lines.append(f"dice: {result['dice']:.6f} (mean over "
                      f"{len(result['labels'])} labels of the fixed segmentation)")
     lines.append(f"non_pos_jacobian_pct: {result['non_pos_jacobian_pct']:.6f}")
-    if refined:
+    if "initial_energy" in result:
+        lines.append(f"energy: {result['initial_energy']:.6f} (identity) -> "
+                     f"{result['energy']:.6f} (optimised)")
+    elif refined:
         lines.append(f"energy: {result['network_energy']:.6f} (network) -> "
                      f"{result['energy']:.6f} (refined)")
     return "\n".join(lines)
 
 
 def _run(fv: flags.FlagValues) -> None:
-    if not fv.workdir or not fv.out:
-        raise cli.UsageError("--workdir and --out are required")
+    if not fv.out:
+        raise cli.UsageError("--out is required")
+    _check_paths(fv)
     fov_center = _fov_center(fv["fov-center"].value)
+    settings = None if fv.workdir else _settings(fv)
     pairs = _pairs_from_flags(fv)
-    inference.read_config(fv.workdir)
+    if fv.workdir:
+        inference.read_config(fv.workdir)
     batch = bool(fv.pairs)
     _check_out_dirs(fv.out, [pair.name for pair in pairs] if batch else [])
     for pair in pairs:
-        pair_files.check_headers(pair)
-    trained = inference.load_trained(fv.workdir, fv.checkpoint)
-    print(f"checkpoint: step {trained.step} of "
-          f"{os.path.abspath(os.path.join(fv.workdir, 'checkpoints'))} "
-          f"({trained.selection})")
-    rows = []
-    for pair in pairs:
-        out_dir = os.path.join(fv.out, pair.name) if batch else fv.out
-        result = pair_files.register_files(
-            trained, pair, out_dir, refine_steps=fv["refine-steps"].value,
-            with_figures=fv.figures, affine=fv.affine, inverse=fv.inverse,
-            fov_center=fov_center)
-        metrics = _format_metrics(result, refined=fv["refine-steps"].value > 0)
-        metrics += "".join(f"\n{line}" for line in result["log"])
-        print(f"{pair.name}:\n{metrics}" if batch else metrics)
-        rows.append({"name": pair.name, "moving": pair.moving, "fixed": pair.fixed,
-                     "dice": result.get("dice", ""),
-                     "non_pos_jacobian_pct": result["non_pos_jacobian_pct"],
-                     "energy": result["energy"]})
+        for line in pair_files.check_headers(pair):
+            print(line)
+    with persistent_compilation_cache(fv["compilation-cache"].value) as cache_line:
+        print(cache_line)
+        if fv.workdir:
+            method = inference.load_trained(fv.workdir, fv.checkpoint)
+            print(f"path: trained network of {os.path.abspath(fv.workdir)}")
+            print(f"checkpoint: step {method.step} of "
+                  f"{os.path.abspath(os.path.join(fv.workdir, 'checkpoints'))} "
+                  f"({method.selection})")
+        else:
+            method = settings
+            print(f"path: optimisation alone, no network (no --workdir): "
+                  f"{settings.describe()}")
+        rows = [_register_pair(fv, method, pair, batch, fov_center) for pair in pairs]
     if batch:
         path = os.path.join(fv.out, "summary.csv")
         with open(path, "w", newline="") as f:
@@ -163,8 +302,29 @@ def _run(fv: flags.FlagValues) -> None:
             writer.writeheader()
             writer.writerows(rows)
         print(f"wrote {len(rows)} pairs into {fv.out} and {path}")
-    else:
+
+
+def _register_pair(fv: flags.FlagValues, method, pair: PairFiles, batch: bool,
+                   fov_center) -> dict[str, Any]:
+    """Registers one pair, prints its metrics and log; returns its summary row."""
+    out_dir = os.path.join(fv.out, pair.name) if batch else fv.out
+    with compile_clock() as clock:
+        result = pair_files.register_files(
+            method, pair, out_dir, refine_steps=fv["refine-steps"].value,
+            with_figures=fv.figures, affine=fv.affine, inverse=fv.inverse,
+            fov_center=fov_center, voxel_size=fv["voxel-size"].value)
+    metrics = _format_metrics(result, refined=fv["refine-steps"].value > 0)
+    metrics += "".join(f"\n{line}" for line in result["log"])
+    metrics += (f"\ntime: {clock.wall_seconds:.2f} s for this pair, "
+                f"{clock.compile_seconds:.2f} s of it compiling programs or loading "
+                "them from the cache")
+    print(f"{pair.name}:\n{metrics}" if batch else metrics)
+    if not batch:
         print(f"wrote {', '.join(result['written'])}")
+    return {"name": pair.name, "moving": pair.moving, "fixed": pair.fixed,
+            "dice": result.get("dice", ""),
+            "non_pos_jacobian_pct": result["non_pos_jacobian_pct"],
+            "energy": result["energy"]}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

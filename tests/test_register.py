@@ -1,4 +1,5 @@
-"""Tests of ``ofg_jax.register``: inference on NIfTI files with a trained workdir."""
+"""Tests of ``ofg_jax.register``: NIfTI files registered with a trained workdir, or
+with none (optimisation alone)."""
 
 import contextlib
 import csv
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 
 from ofg_jax import cli
+from ofg_jax import geometry
 from ofg_jax import inference
+from ofg_jax import nifti
 from ofg_jax import register
 from ofg_jax import pair_files
 from ofg_jax import registration
@@ -24,7 +27,7 @@ from ofg_jax import transforms
 from ofg_jax import registration_energy
 from ofg_jax import warp
 from tests import registration_fixtures as fixtures
-from tests.references import np_dice, np_jacobian_determinant
+from tests.references import np_dice, np_jacobian_determinant, np_warp
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,6 +35,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workdir(trained_workdir):
     return trained_workdir
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    """The persistent compilation cache of in-process runs in a fresh folder, never
+    in the user's ``~/.cache``."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache_home"))
+    return tmp_path / "cache_home"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +55,17 @@ def run_main(capsys, *args):
     status = register.main(["register", *map(str, args)])
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def assert_apply_reproduces_warped_seg(out, moving_seg, path):
+    """``apply`` of the registration in ``out`` to the moving labels writes the
+    voxels of ``out/warped_seg.nii.gz``."""
+    from ofg_jax import apply
+    status = apply.main(["apply", f"--registration={out}", "--interpolation=nearest",
+                         f"--image={moving_seg}", f"--out={path}"])
+    assert status == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj),
+                                  np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj))
 
 
 @pytest.fixture(scope="module")
@@ -318,13 +340,7 @@ def test_scans_of_other_geometries_register_with_one_command(workdir, tmp_path,
     assert np.count_nonzero(warped > 0.1) > 2000
     np.testing.assert_allclose(sitk_resample(scans["moving"], scans["fixed"], out),
                                warped, atol=1e-5)
-    from ofg_jax import apply
-    status = apply.main(["apply", f"--registration={out}", "--interpolation=nearest",
-                         f"--image={scans['moving_seg']}",
-                         f"--out={tmp_path / 'seg.nii.gz'}"])
-    assert status == 0
-    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "seg.nii.gz").dataobj),
-                                  np.asarray(nib.load(out / "warped_seg.nii.gz").dataobj))
+    assert_apply_reproduces_warped_seg(out, scans["moving_seg"], tmp_path / "seg.nii.gz")
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -360,3 +376,187 @@ def test_geometry_round_trip_with_an_identity_network(seed):
     overlap = 2 * np.sum(head[0] & head[1]) / (np.sum(head[0]) + np.sum(head[1]))
     assert overlap > 0.95, overlap  # The labels: small structures at 4 mm voxels.
     assert any("(2.0, -3.0, 1.0) mm RAS (as given)" in line for line in other["log"])
+
+
+# Registration with no network: optimisation alone (no --workdir).
+
+# Few steps on the scans' own grids: enough to move, quick to compile and run.
+QUICK = ("--levels=2,1", "--steps=10,5", "--learning-rate=0.1")
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    return fixtures.write_scans(str(tmp_path_factory.mktemp("scans")), seed=3)
+
+
+def test_scans_of_other_geometries_register_with_no_network(scans, tmp_path, capsys):
+    """Two scans of different shapes, voxel sizes and oblique orientations: the
+    outputs lie on the fixed grid, SimpleITK applies affine.mat and transform.nii.gz
+    to warped.nii.gz, apply reproduces warped_seg.nii.gz, the energy went down."""
+    out = tmp_path / "out"
+    status, stdout, stderr = run_main(
+        capsys, f"--moving={scans['moving']}", f"--fixed={scans['fixed']}",
+        f"--moving-seg={scans['moving_seg']}", f"--fixed-seg={scans['fixed_seg']}",
+        f"--out={out}", "--affine", "--inverse", *QUICK)
+    assert status == 0, stderr
+    assert sorted(os.listdir(out)) == sorted(
+        ["warped.nii.gz", "warped_seg.nii.gz", "jacobian.nii.gz", "transform.nii.gz",
+         "affine.mat", "inverse.nii.gz"])
+    fixed = nib.load(scans["fixed"])
+    assert nib.load(scans["moving"]).shape != fixed.shape
+    for name in ("warped", "warped_seg", "jacobian"):
+        image = nib.load(out / f"{name}.nii.gz")
+        assert image.shape == fixed.shape, name
+        np.testing.assert_array_equal(image.affine, fixed.affine)
+    for line in ("path: optimisation alone, no network (no --workdir): levels 2,1 x "
+                 "steps 10,5", "working grid: the fixed grid",
+                 "affine (fixed -> moving world): rotation", "optimiser: compiled",
+                 "inverse (fixed-point"):
+        assert line in stdout, (line, stdout)
+    assert re.search(r"^optimisation: \S+ s \(the compiled program\)$", stdout, re.M)
+    match = re.search(r"^energy: (\S+) \(identity\) -> (\S+) \(optimised\)$", stdout,
+                      re.M)
+    assert float(match.group(2)) < float(match.group(1)) - 1e-3
+    warped = nib.load(out / "warped.nii.gz").get_fdata()
+    assert np.count_nonzero(warped > 0.1) > 2000
+    np.testing.assert_allclose(sitk_resample(scans["moving"], scans["fixed"], out),
+                               warped, atol=1e-5)
+    # The scans show one phantom in one place: registering must not lose the overlap
+    # that the scanner's placement gives.
+    fixed_seg = np.asarray(nib.load(scans["fixed_seg"]).dataobj)
+    as_placed = np.asarray(geometry.sample_through(
+        np.asarray(nib.load(scans["moving_seg"]).dataobj), nib.load(scans["moving"]).affine,
+        np.zeros(fixed.shape + (3,), np.float32), fixed.affine, order=0))
+    labels = [l for l in np.unique(fixed_seg) if l != 0]
+    assert printed(stdout, "dice") > np.mean(np_dice(as_placed, fixed_seg, labels)) - 0.01
+    assert_apply_reproduces_warped_seg(out, scans["moving_seg"], tmp_path / "seg.nii.gz")
+
+
+def test_diffeomorphic_mode_recovers_a_known_deformation_and_a_second_process_reuses_it(
+        tmp_path, capsys, cache_home):
+    """A scan and the same scan deformed by a known smooth field, on one grid, in
+    two processes sharing a cache folder: the field found (disp.nii.gz, voxels) is
+    most of the known one with no det <= 0, and the second process loads the
+    compiled optimiser from the persistent compilation cache."""
+    shape = (28, 30, 26)
+    affine = fixtures.random_affine(np.random.default_rng(4), shape)
+    image, _ = fixtures.render_phantom(shape, affine)
+    truth = fixtures.smooth_field(shape, 3.0)
+    paths = {name: fixtures.write_nifti(tmp_path / f"{name}.nii.gz", array, affine,
+                                        np.float32)
+             for name, array in (("moving", image), ("fixed", np_warp(image, truth)))}
+    out = tmp_path / "out"
+    args = [f"--moving={paths['moving']}", f"--fixed={paths['fixed']}", f"--out={out}",
+            "--diffeomorphic", "--inverse", "--levels=2,1", "--steps=40,20",
+            "--learning-rate=0.2"]
+    # This process first (the cache in cache_home, empty), then another one.
+    status, stdout, stderr = run_main(capsys, *args)
+    assert status == 0, stderr
+    logs = [stdout]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(cache_home)}
+    result = subprocess.run([sys.executable, "-m", "ofg_jax.register", *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    logs.append(result.stdout)
+    stdout = logs[1]
+    assert "diffeomorphic (velocity, 7 squarings)" in stdout
+    assert "inverse (exact: the negated velocity integrated" in stdout
+    assert nib.load(out / "jacobian.nii.gz").get_fdata().min() > 0
+    assert printed(stdout, "non_pos_jacobian_pct") == 0
+    disp = nib.load(out / "disp.nii.gz").get_fdata()
+    head = (image > 0.1) & (np.linalg.norm(truth, axis=-1) > 0.5)
+    before = np.linalg.norm(truth[head], axis=-1).mean()
+    after = np.linalg.norm((disp - truth)[head], axis=-1).mean()
+    assert before > 1.0 and after < 0.5 * before, (before, after)
+    cache = cache_home / "ofg_jax"
+    for log in logs:
+        assert f"compilation cache: {cache}\n" in log
+        assert re.search(r"^time: \S+ s for this pair, \S+ s of it compiling", log, re.M)
+    assert "optimiser: compiled (not in the persistent compilation cache yet)" in logs[0]
+    assert "optimiser: loaded from the persistent compilation cache" in logs[1]
+    assert len(os.listdir(cache)) > 1
+    first, second = (float(re.search(r"^optimiser: .* in (\S+) s$", log, re.M).group(1))
+                     for log in logs)
+    assert second < first
+
+
+def test_batch_mode_a_coarser_working_grid_and_no_compilation_cache(scans, tmp_path,
+                                                                     capsys, cache_home):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("moving,fixed,moving_seg,fixed_seg,name\n"
+                     f"{scans['moving']},{scans['fixed']},{scans['moving_seg']},"
+                     f"{scans['fixed_seg']},first\n"
+                     f"{scans['second']},{scans['fixed']},,,second\n")
+    status, stdout, stderr = run_main(capsys, f"--pairs={pairs}", "--voxel-size=6",
+                                      f"--out={tmp_path / 'out'}", "--nocompilation-cache",
+                                      *QUICK)
+    assert status == 0, stderr
+    # A grid not compiled before in this process, with the cache off: compiled, and
+    # nothing written to the cache folder.
+    assert "compilation cache: off (--nocompilation-cache)" in stdout
+    assert "optimiser: compiled (persistent compilation cache off)" in stdout
+    assert not cache_home.exists()
+    assert stdout.count("working grid ") == 2
+    assert re.search(r"working grid \d+x\d+x\d+ at 6x6x6 mm, \w+, oblique over the "
+                     "fixed field of view", stdout)
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["name"] for row in rows] == ["first", "second"]
+    assert float(rows[0]["dice"]) > 0.5 and rows[1]["dice"] == ""
+    fixed = nib.load(scans["fixed"])
+    for name in ("first", "second"):
+        for output in ("warped.nii.gz", "jacobian.nii.gz"):
+            assert nib.load(tmp_path / "out" / name / output).shape == fixed.shape
+
+
+def write_without_orientation(path, source):
+    """``source``'s voxels and voxel sizes, with qform and sform codes 0."""
+    image = nib.load(source)
+    bare = nib.Nifti1Image(np.asarray(image.dataobj), None)
+    bare.header.set_zooms(image.header.get_zooms()[:3])
+    nib.save(bare, path)
+    assert (bare.header["qform_code"], nib.load(path).header["sform_code"]) == (0, 0)
+    return str(path)
+
+
+def test_a_scan_without_orientation_is_named_in_one_warning_on_both_paths(
+        workdir, scans, tmp_path, capsys):
+    moving = write_without_orientation(tmp_path / "bare.nii.gz", scans["moving"])
+    expected = (f"warning: moving image {moving} states no orientation (qform and sform "
+                "codes 0): read as LAS with ")
+    for path in ([f"--workdir={workdir}", f"--checkpoint={fixtures.TRAIN_STEPS}"],
+                 list(QUICK)):
+        status, stdout, stderr = run_main(capsys, f"--moving={moving}",
+                                          f"--fixed={scans['fixed']}",
+                                          f"--out={tmp_path / 'out'}", *path)
+        assert status == 0, stderr
+        warnings = [line for line in stdout.splitlines() if line.startswith("warning")]
+        assert len(warnings) == 1 and warnings[0].startswith(expected), warnings
+    assert nifti.orientation_warning(scans["moving"], "moving image") is None
+
+
+def test_options_of_the_other_path_and_bad_settings_are_refused(workdir, scans,
+                                                                 tmp_path, capsys):
+    inputs = [f"--moving={scans['moving']}", f"--fixed={scans['fixed']}",
+              f"--out={tmp_path / 'out'}"]
+    cases = [
+        (["--refine-steps=3"], "--refine-steps: only with a trained network (--workdir)"),
+        (["--fov-center=1,2,3"], "--fov-center: only with a trained network"),
+        ([f"--workdir={workdir}", "--levels=2,1"], "--levels: only for the optimisation "
+                                                    "without a network"),
+        (["--levels=2,3", "--steps=1,1"], "each a multiple of the next"),
+        (["--levels=4,2,1", "--steps=1,1"], "of the same length"),
+        (["--levels=a,1", "--steps=1,1"], "--levels must be integers"),
+        (["--window=4"], "window must be a positive odd integer"),
+        (["--voxel-size=-2"], "--voxel-size must be a positive number"),
+    ]
+    for args, message in cases:
+        status, _, stderr = run_main(capsys, *inputs, *args)
+        assert status == cli.EXIT_USAGE, (args, stderr)
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        assert message in stderr, (message, stderr)
+    status, _, stderr = run_main(capsys, f"--moving={tmp_path / 'missing.nii.gz'}",
+                                 *inputs[1:])
+    assert status == cli.EXIT_FAILURE
+    assert f"moving image {tmp_path / 'missing.nii.gz'} not found" in stderr
+    assert not (tmp_path / "out").exists()
