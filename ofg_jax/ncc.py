@@ -74,6 +74,14 @@ def _window_stats(a, window):
     return a, sums[0], sums[1]
 
 
+def _fixed_window_stats(fixed, window):
+    """``_window_stats`` of ``fixed``, which must be a 2D or 3D image."""
+    if fixed.ndim not in (2, 3):
+        raise ValueError(f"fixed must be a 2D or 3D image of shape (*S), got shape "
+                         f"{fixed.shape}")
+    return _window_stats(fixed, window)
+
+
 def _cc_map(a_stats, b, window, eps):
     return _cc_of_sums(a_stats, _b_sums(a_stats[0], b, window), window, eps)
 
@@ -108,10 +116,7 @@ def ncc_to(fixed: jax.Array, *, window: int = 9,
     Returns:
       A function of a ``(*S)`` image returning the scalar similarity.
     """
-    if fixed.ndim not in (2, 3):
-        raise ValueError(f"fixed must be a 2D or 3D image of shape (*S), got shape "
-                         f"{fixed.shape}")
-    stats = _window_stats(fixed, window)
+    stats = _fixed_window_stats(fixed, window)
 
     def similarity(b):
         check_same_spatial(fixed.shape, b.shape, "ncc inputs fixed, b")
@@ -138,10 +143,7 @@ def ncc_gradient_to(fixed: jax.Array, *, window: int = 9,
       A function of a ``(*S)`` image returning the ``(*S)`` gradient of the
       similarity in it.
     """
-    if fixed.ndim not in (2, 3):
-        raise ValueError(f"fixed must be a 2D or 3D image of shape (*S), got shape "
-                         f"{fixed.shape}")
-    stats = _window_stats(fixed, window)
+    stats = _fixed_window_stats(fixed, window)
 
     def gradient(b):
         check_same_spatial(fixed.shape, b.shape, "ncc inputs fixed, b")
