@@ -25,10 +25,11 @@ import optax
 
 from ofg_jax._shapes import check_same_spatial
 from ofg_jax.models.integrate import integrate_velocity
-from ofg_jax.ncc import ncc_to
-from ofg_jax.optim import torch_adam
 from ofg_jax.refine import OPTIMIZERS
 from ofg_jax.refine import SIMILARITIES
+from ofg_jax.refine import _data_term
+from ofg_jax.refine import _minimise
+from ofg_jax.refine import _optimizer
 from ofg_jax.refine import refine
 from ofg_jax.regularizers import grad_loss
 from ofg_jax.resolution import block_mean
@@ -112,11 +113,11 @@ def check_options(*, levels: Sequence[int], steps: Sequence[int], learning_rate,
 
 
 def _transformation(optimizer: Optimizer, learning_rate) -> optax.GradientTransformation:
+    """``refine``'s optimiser named by ``optimizer`` at ``learning_rate``; a
+    transformation passed as ``optimizer`` keeps its own learning rate."""
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
-    if optimizer == "sgd":
-        return optax.sgd(learning_rate)
-    return torch_adam(learning_rate, amsgrad=optimizer == "amsgrad")
+    return _optimizer(optimizer, learning_rate, default_lr=learning_rate)
 
 
 def _pyramid(image: jax.Array, levels: Sequence[int]) -> list[jax.Array]:
@@ -262,11 +263,7 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
     opt = _transformation(optimizer, learning_rate)
 
     def optimize_level(moving_l, fixed_l, start, count):
-        if similarity == "ncc":
-            similarity_to_fixed = ncc_to(fixed_l, window=window)
-            data = lambda warped: -similarity_to_fixed(warped)
-        else:
-            data = lambda warped: jnp.mean((fixed_l - warped) ** 2)
+        data = _data_term(fixed_l, similarity, window)
 
         def energy(variable):
             velocity = _binomial_filter(variable)
@@ -274,13 +271,7 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
             disp = velocity + jax.lax.stop_gradient(disp - velocity)
             return data(warp(moving_l, disp)) + reg_weight * grad_loss(velocity)
 
-        def step(_, carry):
-            variable, state = carry
-            updates, state = opt.update(jax.grad(energy)(variable), state, variable)
-            return optax.apply_updates(variable, updates), state
-
-        return _binomial_filter(
-            jax.lax.fori_loop(0, count, step, (start, opt.init(start)))[0])
+        return _minimise(energy, _binomial_filter, start, opt, count)
 
     return _coarse_to_fine(moving, fixed, tuple(levels), tuple(steps), optimize_level)
 

@@ -46,15 +46,20 @@ def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
     return _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)(disp)
 
 
-def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
-    """``disp -> energy``, with everything that depends only on ``fixed`` hoisted."""
+def _data_term(fixed, similarity, window):
+    """``warped -> -NCC(fixed, warped)`` or the MSE, with what depends only on
+    ``fixed`` hoisted."""
     if similarity == "ncc":
         similarity_to_fixed = ncc_to(fixed, window=window)
-        data = lambda warped: -similarity_to_fixed(warped)
-    elif similarity == "mse":
-        data = lambda warped: jnp.mean((fixed - warped) ** 2)
-    else:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        return lambda warped: -similarity_to_fixed(warped)
+    if similarity == "mse":
+        return lambda warped: jnp.mean((fixed - warped) ** 2)
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+
+
+def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
+    """``disp -> energy``, with everything that depends only on ``fixed`` hoisted."""
+    data = _data_term(fixed, similarity, window)
     return lambda disp: (data(warp(moving, disp))
                          + reg_weight * grad_loss(disp, penalty=penalty))
 

@@ -63,7 +63,7 @@ from ofg_jax.refine import SIMILARITIES
 SUMMARY_COLUMNS = ("name", "moving", "fixed", "dice", "non_pos_jacobian_pct",
                    "energy")
 DEFAULTS = OptimizeSettings()
-# Flags of one path only: (flag, the path it belongs to).
+# Flags that only one of the two paths takes.
 NETWORK_FLAGS = ("refine-steps", "checkpoint", "fov-center")
 OPTIMIZATION_FLAGS = ("levels", "steps", "learning-rate", "reg-weight", "similarity",
                       "window", "optimizer", "diffeomorphic", "int-steps", "voxel-size")
