@@ -1,8 +1,19 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and how XLA compiles for the tests."""
 
-import pytest
+import os
 
-from tests import registration_fixtures
+# Set before anything imports jax, so that the pytest-xdist workers and every
+# process the tests start inherit it. The tests check what programs compute,
+# at small sizes where compiling them takes longer than running them; XLA
+# without its LLVM optimisation passes compiles several times faster, and an
+# optimisation level changes the machine code, not what it computes.
+_FLAG = "--xla_backend_optimization_level=0"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+import pytest  # noqa: E402
+
+from tests import registration_fixtures  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -20,14 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_run(tmp_path_factory):
     """One benchmark run at 16^3, 2 inner steps, 1 repeat: (JSON record, stdout)."""
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    # Unoptimised XLA code compiles several times faster; this run checks the
-    # plumbing, not the speed.
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark",
          "--shape", "16,16,16", "--inner-steps", "2", "--repeats", "1",
          "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         return json.load(f), proc.stdout
@@ -136,12 +133,11 @@ def test_compile_time_inside_calls_is_taken_out():
 
 def test_torch_functions_choose_what_pytorch_times(tmp_path):
     out = tmp_path / "split.json"
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--shape", "16,16,16",
          "--inner-steps", "1", "--repeats", "1", "--functions", "forward",
          "--torch-functions", "refine,forward", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         record = json.load(f)
@@ -224,7 +220,6 @@ def test_isolated_functions_and_two_networks(tmp_path):
     """--isolate: one process per function, a peak for each; refine measured once."""
     out = tmp_path / "two.json"
     measured = ("refine", "forward")  # the two cheapest: a process each is what is tested
-    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
     tiny_vit = ["--set", "vitvnet:model.encoder_channels=(4,4,4)",
                 "--set", "vitvnet:model.hidden_size=8", "--set", "vitvnet:model.num_layers=1",
                 "--set", "vitvnet:model.num_heads=2", "--set", "vitvnet:model.mlp_dim=8",
@@ -234,7 +229,7 @@ def test_isolated_functions_and_two_networks(tmp_path):
         [sys.executable, "-m", "experiments.benchmark", "--shape", "64,32,32",
          "--inner-steps", "1", "--repeats", "1", "--models", "voxelmorph,vitvnet",
          "--functions", ",".join(measured), "--isolate", "--out", str(out), *tiny_vit],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out) as f:
         vm, vit = json.load(f)

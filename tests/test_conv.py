@@ -141,22 +141,25 @@ def test_chunk_plan_covers_every_slice_once():
                                       and start + count * chunk + after <= d)
 
 
-def test_large_volumes_need_no_copy_of_the_volume(monkeypatch):
+@pytest.mark.parametrize("channels", [(8,), (5, 3)])
+def test_large_volumes_need_no_copy_of_the_volume(monkeypatch, channels):
     """Forward and backward: nothing of the volume's size besides inputs and outputs.
 
     The temporary buffers (XLA's buffer assignment) of the value and gradients
     stay below half the input (a few slices' worth: the chunks), where padding or
-    stacking the volume needed five volumes.
+    stacking the volume needed five volumes; for a skip connection given as two
+    parts, the concatenation of the parts is never built either.
     """
     monkeypatch.setattr(conv, "_CHUNK_BYTES", 40_000)
-    x = jax.ShapeDtypeStruct((1, 96, 24, 24, 8), jnp.float32)
+    parts = tuple(jax.ShapeDtypeStruct((1, 96, 24, 24, c), jnp.float32) for c in channels)
     kernel = jax.ShapeDtypeStruct((3, 3, 3, 8, 8), jnp.float32)
 
-    def value_and_grads(x, kernel):
-        y, vjp = jax.vjp(lambda x, k: conv3d(x, k, 1, 1, impl="cpu"), x, kernel)
+    def value_and_grads(parts, kernel):
+        y, vjp = jax.vjp(lambda x, k: conv.conv3d_of_parts(x, k, 1, 1, impl="cpu"),
+                         parts, kernel)
         return y, vjp(y)
 
-    stats = jax.jit(value_and_grads).lower(x, kernel).compile().memory_analysis()
+    stats = jax.jit(value_and_grads).lower(parts, kernel).compile().memory_analysis()
     volume = 96 * 24 * 24 * 8 * 4
     assert stats.temp_size_in_bytes < volume / 2, (stats.temp_size_in_bytes, volume)
 
@@ -197,26 +200,29 @@ def test_zeros_after_is_exactly_zero_for_any_input(first):
 
 
 @pytest.mark.parametrize("impl,stride,budget", [("cpu", 1, None), ("cpu", 1, 20_000),
-                                                  ("cpu", 2, 20_000), ("xla", 1, None)])
-def test_add_to_is_added_with_its_gradient(monkeypatch, impl, stride, budget):
-    """``conv3d(..., add_to=a) == a + conv3d(...)``, values and all three gradients,
-    in one piece and through the chunked loop (which accumulates into ``a``)."""
+                                                  ("cpu", 2, 20_000), ("xla", 1, None),
+                                                  ("xla", 1, 20_000)])
+def test_parts_give_the_convolution_of_their_concatenation(monkeypatch, impl, stride, budget):
+    """``conv3d_of_parts`` against XLA's convolution of the concatenation: value and
+    the gradients of every part and of the kernel, in one piece and by chunks."""
     if budget:
         monkeypatch.setattr(conv, "_CHUNK_BYTES", budget)
         monkeypatch.setattr(conv, "_MIN_CHUNK_ROWS", 100)
     rng = np.random.default_rng(9)
-    x = jnp.asarray(rng.standard_normal((1, 20, 7, 6, 3)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 4)), jnp.float32)
-    out_shape = jax.eval_shape(lambda: conv3d(x, kernel, stride, 1, impl=impl)).shape
-    a = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+    parts = tuple(jnp.asarray(rng.standard_normal((1, 20, 7, 6, c)), jnp.float32)
+                  for c in (3, 1, 2))
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 6, 4)), jnp.float32)
+    out_shape = jax.eval_shape(lambda: _xla_conv3d(jnp.concatenate(parts, -1), kernel,
+                                                   stride, 1)).shape
     w = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-    fused = lambda x, k, a: jnp.sum(w * conv3d(x, k, stride, 1, impl=impl, add_to=a))
-    plain = lambda x, k, a: jnp.sum(w * (a + _xla_conv3d(x, k, stride, 1)))
-    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, kernel, a)
-    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, kernel, a)
+    fused = lambda parts, k: jnp.sum(w * conv.conv3d_of_parts(parts, k, stride, 1, impl))
+    plain = lambda parts, k: jnp.sum(w * _xla_conv3d(jnp.concatenate(parts, -1), k,
+                                                     stride, 1))
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(parts, kernel)
+    want = jax.value_and_grad(plain, argnums=(0, 1))(parts, kernel)
     assert _rel_err(got[0], want[0]) < 1e-5
-    for g, r in zip(got[1], want[1]):
-        assert _rel_err(g, r) < 1e-5
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert g.shape == r.shape and _rel_err(g, r) < 1e-5
 
 
 def test_second_layer_gradient_through_jit():

@@ -13,13 +13,15 @@ XLA:CPU runs ``lax.conv_general_dilated`` in 3D several times slower than PyTorc
 * stride ``s``: the stride-1 result at every ``s``-th voxel;
 * kernel equal to stride, no padding (patch embeddings): a reshape and one matrix
   product.
+* a skip concatenation (``conv3d_of_parts``): the parts concatenated one chunk
+  of depth slices at a time inside the convolution's loop, never at full size.
 
 Everything else, and every other backend (cuDNN on GPU), uses
 ``lax.conv_general_dilated``. All formulations compute the same sums in float32;
 they agree with ``lax.conv_general_dilated`` to float32 rounding.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,7 @@ def triple(value: IntOr3, name: str) -> tuple[int, int, int]:
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, stride: IntOr3 = 1, padding: IntOr3 = 0,
-           impl: str = "auto", add_to: Optional[jax.Array] = None) -> jax.Array:
+           impl: str = "auto") -> jax.Array:
     """3D cross-correlation, the operation of PyTorch ``Conv3d`` without its bias.
 
     Args:
@@ -55,55 +57,24 @@ def conv3d(x: jax.Array, kernel: jax.Array, stride: IntOr3 = 1, padding: IntOr3 
         formulation in this module's docstring (any backend; it only pays off on
         CPU); ``"auto"`` picks ``"cpu"`` on the CPU backend for float32 and
         ``"xla"`` otherwise.
-      add_to: ``None`` or an array of the result's shape and dtype, returned plus
-        the convolution. The ``"cpu"`` formulation of large stride-1 'same'
-        convolutions accumulates into it in place, where ``add_to + conv3d(...)``
-        would hold two arrays of the result's size.
 
     Returns:
       ``(B, D', H', W', C_out)`` with ``D' = (D + 2 p - k) // s + 1`` per axis, in the
-      result dtype of ``x`` and ``kernel`` (plus ``add_to``).
+      result dtype of ``x`` and ``kernel``.
     """
-    stride, padding = triple(stride, "stride"), triple(padding, "padding")
-    if x.ndim != 5 or kernel.ndim != 5 or kernel.shape[3] != x.shape[4]:
-        raise ValueError(
-            f"conv3d expects x (B, D, H, W, C_in) and kernel (kd, kh, kw, C_in, C_out); "
-            f"got x {x.shape} and kernel {kernel.shape}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    size = kernel.shape[:3]
-    for n, k, p, s in zip(x.shape[1:4], size, padding, stride):
-        if n + 2 * p < k or s < 1 or p < 0:
-            raise ValueError(
-                f"conv3d: spatial size {x.shape[1:4]} with padding {padding} is smaller "
-                f"than kernel {size}, or stride {stride} / padding is invalid")
-    if impl == "auto":
-        dtype = jnp.result_type(x, kernel)
-        impl = "cpu" if jax.default_backend() == "cpu" and dtype == jnp.float32 else "xla"
-    if impl == "cpu":
-        if size == stride and padding == (0, 0, 0):
-            return _patch_conv(x, kernel)
-        k = size[0]
-        if (size == (k,) * 3 and k % 2 == 1 and padding == (k // 2,) * 3
-                and stride == (stride[0],) * 3):
-            s = stride[0]
-            if s == 1:
-                return _conv_same(x, kernel, add_to)
-            y = _conv_same(x, kernel, None)[:, ::s, ::s, ::s]
-            return y if add_to is None else add_to + y
-    y = lax.conv_general_dilated(
-        x, kernel, stride, [(p, p) for p in padding], dimension_numbers=_DN3)
-    return y if add_to is None else add_to + y
+    return conv3d_of_parts((x,), kernel, stride, padding, impl)
 
 
 def conv3d_of_parts(parts: Sequence[jax.Array], kernel: jax.Array, stride: IntOr3 = 1,
                     padding: IntOr3 = 0, impl: str = "auto") -> jax.Array:
-    """``conv3d`` of the concatenation of ``parts`` along the channels.
+    """``conv3d`` of the concatenation of ``parts`` along the channels (a skip
+    connection), without building it at full size.
 
-    Above ``_CHUNK_BYTES`` the concatenation is not built: the result is the sum
-    of each part's convolution with its slice of the kernel, accumulated in place
-    (``add_to``), so that neither the concatenated input nor its gradient exists
-    at full size (the same sums, added in another order).
+    The ``"cpu"`` formulation of 'same' convolutions concatenates the parts one
+    chunk of depth slices at a time, and gives each part its own slice of the
+    input gradient. Elsewhere, above ``_CHUNK_BYTES``, the result is the sum of
+    each part's convolution with its slice of the kernel. Neither the
+    concatenated input nor its gradient exists at full size.
 
     Args:
       parts: ``(B, D, H, W, C_i)`` arrays, ``sum(C_i) = C_in``.
@@ -113,15 +84,54 @@ def conv3d_of_parts(parts: Sequence[jax.Array], kernel: jax.Array, stride: IntOr
     Returns:
       As ``conv3d`` of the concatenated input.
     """
-    if len(parts) == 1:
-        return conv3d(parts[0], kernel, stride, padding, impl)
-    if sum(part.size * part.dtype.itemsize for part in parts) <= _CHUNK_BYTES:
-        return conv3d(jnp.concatenate(parts, axis=-1), kernel, stride, padding, impl)
+    parts = tuple(parts)
+    stride, padding = triple(stride, "stride"), triple(padding, "padding")
+    c_in = sum(part.shape[-1] for part in parts)
+    if (kernel.ndim != 5 or kernel.shape[3] != c_in or not parts
+            or any(part.ndim != 5 or part.shape[:4] != parts[0].shape[:4] for part in parts)):
+        raise ValueError(
+            f"conv3d expects x (B, D, H, W, C_in) (or parts that differ only in C) and "
+            f"kernel (kd, kh, kw, C_in, C_out); got x {[p.shape for p in parts]} and "
+            f"kernel {kernel.shape}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    size = kernel.shape[:3]
+    for n, k, p, s in zip(parts[0].shape[1:4], size, padding, stride):
+        if n + 2 * p < k or s < 1 or p < 0:
+            raise ValueError(
+                f"conv3d: spatial size {parts[0].shape[1:4]} with padding {padding} is "
+                f"smaller than kernel {size}, or stride {stride} / padding is invalid")
+    if impl == "auto":
+        dtype = jnp.result_type(*parts, kernel)
+        impl = "cpu" if jax.default_backend() == "cpu" and dtype == jnp.float32 else "xla"
+    k, s = size[0], stride[0]
+    if impl == "cpu" and size == stride and padding == (0, 0, 0):
+        return _patch_conv(_concat(parts), kernel)
+    if (impl == "cpu" and size == (k,) * 3 and k % 2 == 1 and padding == (k // 2,) * 3
+            and stride == (s,) * 3):
+        y = _conv_same(parts, kernel)
+        return y if s == 1 else y[:, ::s, ::s, ::s]
+    if len(parts) == 1 or sum(part.size * part.dtype.itemsize for part in parts) <= _CHUNK_BYTES:
+        return _xla_conv(_concat(parts), kernel, stride, padding)
     starts = np.cumsum([0] + [part.shape[-1] for part in parts])
-    y = None
-    for part, a, b in zip(parts, starts[:-1], starts[1:]):
-        y = conv3d(part, kernel[..., a:b, :], stride, padding, impl, y)
-    return y
+    return sum(_xla_conv(part, kernel[..., a:b, :], stride, padding)
+               for part, a, b in zip(parts, starts[:-1], starts[1:]))
+
+
+def _xla_conv(x, kernel, stride, padding):
+    return lax.conv_general_dilated(
+        x, kernel, stride, [(p, p) for p in padding], dimension_numbers=_DN3)
+
+
+def _concat(chunks):
+    return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=-1)
+
+
+def _split(y, sizes):
+    """``y``'s channels as consecutive pieces of ``sizes``."""
+    starts = np.cumsum([0] + list(sizes))
+    return tuple(y[..., a:b] for a, b in zip(starts[:-1], starts[1:]))
+
 
 def _patch_conv(x, kernel):
     """Non-overlapping patches (kernel == stride, no padding): reshape + matmul."""
@@ -191,17 +201,18 @@ def _chunked(d, chunk, before, after, init, body):
     return acc
 
 
-def _depth_stacked_conv(x, kernel, out=None):
-    """``out`` (zeros if ``None``) plus the stride-1 'same' correlation; odd cubic kernel.
+def _depth_stacked_conv(parts, kernel, out_sizes):
+    """The stride-1 'same' correlation of ``parts`` (concatenated along the
+    channels), its output channels split in pieces of ``out_sizes``; odd cubic kernel.
 
     By 2D convs over (H, W), ``y[d] = sum_a conv2d(x[d + a - p], kernel[a])``: one
     2D convolution of the depth slices with the ``k`` depth taps stacked on its
     output channels, then each tap's output added ``a - p`` slices away. Large
-    volumes go through a loop over chunks of input slices, each adding its taps
-    to the output slices it reaches (the chunks at the two ends, whose taps reach
-    past the volume, are done outside the loop).
+    volumes go through a loop over chunks of input slices (the parts concatenated
+    only there), each adding its taps to the output slices it reaches.
     """
-    b, d, h, w, c = x.shape
+    b, d, h, w = parts[0].shape[:4]
+    c = sum(part.shape[-1] for part in parts)
     k, o = kernel.shape[0], kernel.shape[4]
     p = k // 2
     stacked = kernel.transpose(1, 2, 3, 0, 4).reshape(k, k, c, k * o)
@@ -214,33 +225,33 @@ def _depth_stacked_conv(x, kernel, out=None):
         return sum(jnp.pad(y[:, :, :, :, a], ((0, 0), (2 * p - a, a), (0, 0), (0, 0), (0, 0)))
                    for a in range(k))
 
-    chunk = max(1, _CHUNK_BYTES // (b * h * w * k * o * x.dtype.itemsize))
+    chunk = max(1, _CHUNK_BYTES // (b * h * w * k * o * parts[0].dtype.itemsize))
     n = min(chunk, d - 2 * p)
     if chunk >= d or n < 1:
-        y = taps(x)[:, p:p + d]
-        return y if out is None else out + y
+        return _split(taps(_concat(parts))[:, p:p + d], out_sizes)
 
     # Chunk i adds the taps of the input slices [s, s + n) (s = i n) to the output
     # slices [s - p, s + n + p). Every chunk reads and writes windows that lie
-    # inside the volume, so that the output is updated in place: the last chunk
+    # inside the volume, so that the outputs are updated in place: the last chunk
     # reads the last n slices and zeroes those that the one before it read, and
     # the windows of the first and last chunks' output are shifted inside, their
     # taps rolled along and masked where they fall off the volume.
-    def add_chunk(i, out):
+    def add_chunk(i, outs):
         s = i * n
         sx = jnp.minimum(s, d - n)
-        xs = lax.dynamic_slice_in_dim(x, sx, n, axis=1)
+        xs = _concat([lax.dynamic_slice_in_dim(part, sx, n, axis=1) for part in parts])
         xs = jnp.where((sx + jnp.arange(n) >= s)[None, :, None, None, None], xs, 0)
-        c = jnp.clip(sx - p, 0, d - n - 2 * p)
-        y = jnp.roll(taps(xs), sx - p - c, axis=1)   # y[j] lands on slab row j + shift
-        src = c + jnp.arange(n + 2 * p) - (sx - p)
+        at = jnp.clip(sx - p, 0, d - n - 2 * p)
+        y = jnp.roll(taps(xs), sx - p - at, axis=1)   # y[j] lands on slab row j + shift
+        src = at + jnp.arange(n + 2 * p) - (sx - p)
         y = jnp.where(((src >= 0) & (src < n + 2 * p))[None, :, None, None, None], y, 0)
-        slab = lax.dynamic_slice_in_dim(out, c, n + 2 * p, axis=1)
-        return lax.dynamic_update_slice_in_dim(out, slab + y, c, axis=1)
+        return tuple(
+            lax.dynamic_update_slice_in_dim(
+                out, lax.dynamic_slice_in_dim(out, at, n + 2 * p, axis=1) + piece, at, axis=1)
+            for out, piece in zip(outs, _split(y, out_sizes)))
 
-    if out is None:
-        out = _zeros_after(x, (b, d, h, w, o))
-    return lax.fori_loop(0, -(-d // n), add_chunk, out)
+    outs = tuple(_zeros_after(parts[0], (b, d, h, w, size)) for size in out_sizes)
+    return lax.fori_loop(0, -(-d // n), add_chunk, outs)
 
 
 def _zeros_after(x, shape):
@@ -265,7 +276,7 @@ def _tap_layout(h, w, k):
     return p, (h + 2 * p) * wp, [i * wp + j for i in range(k) for j in range(k)]
 
 
-def _kernel_grad(x, g, k):
+def _kernel_grad(parts, g, k):
     """Gradient of the stride-1 'same' correlation with respect to its kernel.
 
     With the volume zero-padded by ``p = k // 2`` and flattened channels-last to
@@ -275,21 +286,24 @@ def _kernel_grad(x, g, k):
     on the columns, so each in-plane tap is one product ``x_shifted^T @ g_stacked``
     of channels-last operands, which needs no transpose. Large volumes go through a
     loop over chunks of depth slices of ``x`` that pads and lays out only the chunk
-    (with one slice of ``x`` and ``p`` slices of ``g`` either side).
+    (with one slice of ``x`` and ``p`` slices of ``g`` either side); ``x`` is the
+    concatenation of ``parts``, built only a chunk at a time there.
     """
-    bsz, d, h, w, c = x.shape
+    bsz, d, h, w = parts[0].shape[:4]
+    c = sum(part.shape[-1] for part in parts)
+    dtype = parts[0].dtype
     o = g.shape[4]
     p, plane, offsets = _tap_layout(h, w, k)
     halo = offsets[-1]
     contract = (((0,), (0,)), ((), ()))
-    itemsize = x.dtype.itemsize
+    itemsize = dtype.itemsize
     rows = bsz * (d + 2 * p) * plane - halo
     chunk = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // ((k * k * c + k * o) * itemsize))
     if rows > chunk:
-        grad = _kernel_grad_chunked(x, g, k)
+        grad = _kernel_grad_chunked(parts, g, k)
     else:
         # Small volumes: the whole padded volume at once.
-        xf = jnp.pad(x, ((0, 0), (p, p), (p, p), (p, p), (0, 0))).reshape(-1, c)
+        xf = jnp.pad(_concat(parts), ((0, 0), (p, p), (p, p), (p, p), (0, 0))).reshape(-1, c)
         gf = jnp.pad(g, ((0, 0), (0, 2 * p), (0, 2 * p), (0, 2 * p), (0, 0))).reshape(-1, o)
         # Row r of the stacked gradient holds g[r - a * plane] for each depth tap a.
         gf = jnp.pad(gf[:rows], (((k - 1) * plane, 0), (0, 0)))
@@ -298,10 +312,10 @@ def _kernel_grad(x, g, k):
         grad = jnp.stack([lax.dot_general(xf[t:t + rows], g_stacked, contract)
                           for t in offsets])                            # (k*k, C, k*O)
     grad = grad.reshape(k, k, c, k, o)                                  # (b, c, C, a, O)
-    return grad.transpose(3, 0, 1, 2, 4).astype(x.dtype)
+    return grad.transpose(3, 0, 1, 2, 4).astype(dtype)
 
 
-def _kernel_grad_chunked(x, g, k):
+def _kernel_grad_chunked(parts, g, k):
     """``_kernel_grad``'s ``(k*k, C, k*O)`` sums, by chunks of depth slices.
 
     The rows of the padded volume that lie on the zero depth padding contribute
@@ -313,19 +327,21 @@ def _kernel_grad_chunked(x, g, k):
     # Nothing of the chunks' layout of x may be computed before g exists:
     # XLA's scheduler would otherwise prepare the edge chunks of every layer at
     # the start of the backward pass and keep them all.
-    x, g = lax.optimization_barrier((x, g))
-    bsz, d, h, w, c = x.shape
+    parts, g = lax.optimization_barrier((parts, g))
+    bsz, d, h, w = parts[0].shape[:4]
+    c = sum(part.shape[-1] for part in parts)
+    dtype = parts[0].dtype
     o = g.shape[4]
     p, plane, offsets = _tap_layout(h, w, k)
     halo = offsets[-1]
     after = 1 if halo else 0
     contract = (((0,), (0,)), ((), ()))
-    per_slice = plane * (k * k * c + k * o + c + o) * x.dtype.itemsize
+    per_slice = plane * (k * k * c + k * o + c + o) * dtype.itemsize
     chunk = max(1, _CHUNK_BYTES // per_slice)
 
     def one_sample(sample):
         def add_chunk(acc, s, n):
-            xs = _depth_window(x, sample, s, n + after)
+            xs = _concat([_depth_window(part, sample, s, n + after) for part in parts])
             xs = jnp.pad(xs, ((0, 0), (p, p), (p, p), (0, 0))).reshape(-1, c)
             gs = _depth_window(g, sample, s - p, n + 2 * p)
             gs = jnp.pad(gs, ((0, 0), (0, 2 * p), (0, 2 * p), (0, 0)))
@@ -336,33 +352,33 @@ def _kernel_grad_chunked(x, g, k):
             return acc + jnp.stack([lax.dot_general(xs[t:t + rows], g_stacked, contract)
                                     for t in offsets])
         return _chunked(d, chunk, p, max(p, after),
-                        jnp.zeros((k * k, c, k * o), x.dtype), add_chunk)
+                        jnp.zeros((k * k, c, k * o), dtype), add_chunk)
 
     return sum(one_sample(i) for i in range(bsz))
 
 
 @jax.custom_vjp
-def _conv_same(x, kernel, add_to):
-    return _depth_stacked_conv(x, kernel, add_to)
+def _conv_same(parts, kernel):
+    return _depth_stacked_conv(parts, kernel, (kernel.shape[4],))[0]
 
 
-def _conv_same_fwd(x, kernel, add_to):
-    return _depth_stacked_conv(x, kernel, add_to), (x, kernel, add_to is None)
+def _conv_same_fwd(parts, kernel):
+    return _conv_same(parts, kernel), (parts, kernel)
 
 
 def _conv_same_bwd(res, g):
-    x, kernel, no_add_to = res
-    g_add_to = None if no_add_to else g
-    g = g.astype(x.dtype)
-    dk = _kernel_grad(x, g, kernel.shape[0]).astype(kernel.dtype)
-    if x.size * x.dtype.itemsize > _CHUNK_BYTES:
+    parts, kernel = res
+    g = g.astype(parts[0].dtype)
+    dk = _kernel_grad(parts, g, kernel.shape[0]).astype(kernel.dtype)
+    if sum(part.size * part.dtype.itemsize for part in parts) > _CHUNK_BYTES:
         # The input gradient after the kernel gradient: the input, often kept
         # only for this, can then be freed before the input gradient is
         # allocated. (Small volumes skip this, which keeps their rounding: the
         # barrier changes how XLA fuses the sums over g.)
         dk, g = lax.optimization_barrier((dk, g))
     flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
-    return _depth_stacked_conv(g, flipped), dk, g_add_to
+    dparts = _depth_stacked_conv((g,), flipped, [part.shape[-1] for part in parts])
+    return dparts, dk
 
 
 _conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
