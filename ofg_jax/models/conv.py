@@ -86,7 +86,7 @@ def conv3d_of_parts(parts: Sequence[jax.Array], kernel: jax.Array, stride: IntOr
     """
     parts = tuple(parts)
     stride, padding = triple(stride, "stride"), triple(padding, "padding")
-    c_in = sum(part.shape[-1] for part in parts)
+    c_in = _channels(parts)
     if (kernel.ndim != 5 or kernel.shape[3] != c_in or not parts
             or any(part.ndim != 5 or part.shape[:4] != parts[0].shape[:4] for part in parts)):
         raise ValueError(
@@ -111,11 +111,10 @@ def conv3d_of_parts(parts: Sequence[jax.Array], kernel: jax.Array, stride: IntOr
             and stride == (s,) * 3):
         y = _conv_same(parts, kernel)
         return y if s == 1 else y[:, ::s, ::s, ::s]
-    if len(parts) == 1 or sum(part.size * part.dtype.itemsize for part in parts) <= _CHUNK_BYTES:
+    if len(parts) == 1 or _nbytes(parts) <= _CHUNK_BYTES:
         return _xla_conv(_concat(parts), kernel, stride, padding)
-    starts = np.cumsum([0] + [part.shape[-1] for part in parts])
-    return sum(_xla_conv(part, kernel[..., a:b, :], stride, padding)
-               for part, a, b in zip(parts, starts[:-1], starts[1:]))
+    kernels = _split(kernel, [part.shape[-1] for part in parts], axis=3)
+    return sum(_xla_conv(part, k, stride, padding) for part, k in zip(parts, kernels))
 
 
 def _xla_conv(x, kernel, stride, padding):
@@ -127,10 +126,18 @@ def _concat(chunks):
     return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=-1)
 
 
-def _split(y, sizes):
-    """``y``'s channels as consecutive pieces of ``sizes``."""
+def _channels(parts):
+    return sum(part.shape[-1] for part in parts)
+
+
+def _nbytes(parts):
+    return sum(part.size * part.dtype.itemsize for part in parts)
+
+
+def _split(y, sizes, axis=-1):
+    """``y`` along ``axis`` (its channels) as consecutive pieces of ``sizes``."""
     starts = np.cumsum([0] + list(sizes))
-    return tuple(y[..., a:b] for a, b in zip(starts[:-1], starts[1:]))
+    return tuple(lax.slice_in_dim(y, a, b, axis=axis) for a, b in zip(starts[:-1], starts[1:]))
 
 
 def _patch_conv(x, kernel):
@@ -212,7 +219,7 @@ def _depth_stacked_conv(parts, kernel, out_sizes):
     only there), each adding its taps to the output slices it reaches.
     """
     b, d, h, w = parts[0].shape[:4]
-    c = sum(part.shape[-1] for part in parts)
+    c = _channels(parts)
     k, o = kernel.shape[0], kernel.shape[4]
     p = k // 2
     stacked = kernel.transpose(1, 2, 3, 0, 4).reshape(k, k, c, k * o)
@@ -290,7 +297,7 @@ def _kernel_grad(parts, g, k):
     concatenation of ``parts``, built only a chunk at a time there.
     """
     bsz, d, h, w = parts[0].shape[:4]
-    c = sum(part.shape[-1] for part in parts)
+    c = _channels(parts)
     dtype = parts[0].dtype
     o = g.shape[4]
     p, plane, offsets = _tap_layout(h, w, k)
@@ -329,7 +336,7 @@ def _kernel_grad_chunked(parts, g, k):
     # the start of the backward pass and keep them all.
     parts, g = lax.optimization_barrier((parts, g))
     bsz, d, h, w = parts[0].shape[:4]
-    c = sum(part.shape[-1] for part in parts)
+    c = _channels(parts)
     dtype = parts[0].dtype
     o = g.shape[4]
     p, plane, offsets = _tap_layout(h, w, k)
@@ -370,7 +377,7 @@ def _conv_same_bwd(res, g):
     parts, kernel = res
     g = g.astype(parts[0].dtype)
     dk = _kernel_grad(parts, g, kernel.shape[0]).astype(kernel.dtype)
-    if sum(part.size * part.dtype.itemsize for part in parts) > _CHUNK_BYTES:
+    if _nbytes(parts) > _CHUNK_BYTES:
         # The input gradient after the kernel gradient: the input, often kept
         # only for this, can then be freed before the input gradient is
         # allocated. (Small volumes skip this, which keeps their rounding: the
