@@ -77,6 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
     # it lowers the OFG step's peak by 7 % (VoxelMorph), 31 % (ViT-V-Net) and
     # 39 % (TransMorph) (experiments/RESULTS.md: memory and time).
     config.train.remat = False
+    # Start from the network of another workdir instead of a random
+    # initialisation: one written by `ofg-import` (the authors' published
+    # PyTorch weights) or a training run (its best checkpoint by validation Dice,
+    # else the latest). Its network must have this config's variables (names and
+    # shapes). Read once, when the run starts; a resume continues from the run's
+    # own checkpoints. None = random initialisation from `seed`.
+    config.train.init_from = config_dict.placeholder(str)
 
     # The inner optimisation that produces each pair's training target.
     config.ofg = ml_collections.ConfigDict()

@@ -89,27 +89,23 @@ def make_jax_entry(name, size, conv_impl="auto", overrides=None):
 def make_torch_entry(name, size, threads, overrides=None):
     """Returns ``(forward, forward_backward, n_params)`` of a PyTorch baseline network."""
     import torch
-    from experiments import torch_baseline, torch_networks
+    from experiments import torch_baseline
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    if name == "voxelmorph":
-        net = torch_baseline.VoxelMorph()
-    else:
-        cls = {"vitvnet": torch_networks.ViTVNet, "transmorph": torch_networks.TransMorph}
-        net = cls[name](size, **(overrides or {}))
+    net = torch_baseline.network(name, size, **(overrides or {}))
     x = torch.rand(1, 2, *size)
     r = torch.randn(1, 3, *size)
 
     def forward():
         net.eval()
         with torch.no_grad():
-            net(x)
+            net.predict(x)
 
     def forward_backward():
         net.train()
         net.zero_grad(set_to_none=True)
-        (net(x) * r).sum().backward()
+        (net.predict(x) * r).sum().backward()
 
     return forward, forward_backward, sum(p.numel() for p in net.parameters())
 

@@ -18,8 +18,8 @@ ahead-of-time ``lower().compile()`` of the functions plus ``create_train_state``
         [--functions ofg_step,unsupervised_step --torch-functions ofg_step]
 
 Networks: ``--models`` are ``ofg_jax.models`` names; the PyTorch baselines are
-``experiments.torch_baseline`` (VoxelMorph) and ``experiments.torch_networks``
-(ViT-V-Net, TransMorph) with the same architecture options. ``--set KEY=VALUE``
+the networks of ``experiments.torch_networks`` (through
+``experiments.torch_baseline.network``) with the same architecture options. ``--set KEY=VALUE``
 overrides a config key for every network, ``--set NAME:KEY=VALUE`` for one
 (keys and values as ``--config.KEY=VALUE`` of ``ofg_jax.main``; ``model.*``
 options reach the PyTorch networks too). ``refine`` does not depend on the
@@ -308,7 +308,7 @@ def run_torch(model_name: str, options: dict, shape, batch: int, inner_steps: in
     def forward():
         net.eval()
         with torch.no_grad():
-            net(pair)
+            net.predict(pair)
         sync()
 
     every = {"unsupervised_step": unsupervised_step, "ofg_step": ofg_step,

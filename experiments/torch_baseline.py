@@ -4,12 +4,12 @@ A from-scratch PyTorch baseline written from ``REFERENCE.md``: the spatial
 transformer (``grid_sample``), the dense-convolution local NCC, the Grad
 regulariser and the per-pair ``Adam(amsgrad=True)`` inner loop. It is the speed
 baseline of ``experiments/benchmark.py`` and the independent reference of the
-parity tests. Also the reference's VoxelMorph network and the two training
-steps of any registration network (``network``: VoxelMorph here, ViT-V-Net and
-TransMorph from ``experiments.torch_networks``): unsupervised (``-NCC + 1.0 *
-Grad``) and OFG (``MSE`` to the refined field ``+ 0.02 * Grad``), each followed
-by an ``Adam(amsgrad=True)`` update. The inner loop and the losses do not depend
-on the network.
+parity tests. Also the two training steps of any registration network
+(``network``: VoxelMorph, ViT-V-Net and TransMorph from
+``experiments.torch_networks``): unsupervised (``-NCC + 1.0 * Grad``) and OFG
+(``MSE`` to the refined field ``+ 0.02 * Grad``), each followed by an
+``Adam(amsgrad=True)`` update. The inner loop and the losses do not depend on
+the network; they use its flow, not the image it warps.
 
 Shapes: images ``(B, 1, *S)``, displacements ``(B, N, *S)`` in voxels, channel
 ``k`` moving along spatial axis ``k``.
@@ -17,7 +17,6 @@ Shapes: images ``(B, 1, *S)``, displacements ``(B, N, *S)`` in voxels, channel
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,120 +103,24 @@ def refine(moving: torch.Tensor, fixed: torch.Tensor, disp: torch.Tensor,
 
 
 # ---------------------------------------------------------------------------
-# VoxelMorph and the two training steps.
-
-ENCODER_FEATURES = (8, 32, 32, 32)
-DECODER_FEATURES = (32, 32, 32, 32)
-FULL_RES_FEATURES = (32, 8, 8)
-
-
-class VoxelMorph(torch.nn.Module):
-    """The reference's VoxelMorph U-Net, channels-first: ``(B, 2, *S) -> (B, 3, *S)``.
-
-    Encoder: 3x3x3 stride-2 convolutions with ``ENCODER_FEATURES``. Decoder: a conv
-    at the coarsest level, then for each finer encoder level nearest x2 upsampling,
-    concatenation of that level's features and a conv (``DECODER_FEATURES``).
-    At full resolution: upsampling, concatenation of the input pair and the
-    ``FULL_RES_FEATURES`` convs; every conv above is followed by LeakyReLU(0.2).
-    The flow head is a 3x3x3 conv to 3 channels with weights ~ N(0, 1e-5) and zero
-    bias. 274,387 parameters with 2 input channels.
-    """
-
-    def __init__(self, in_channels: int = 2, ndim: int = 3):
-        super().__init__()
-        conv = getattr(torch.nn, f"Conv{ndim}d")
-        self.encoder = torch.nn.ModuleList()
-        prev = in_channels
-        for features in ENCODER_FEATURES:
-            self.encoder.append(conv(prev, features, 3, stride=2, padding=1))
-            prev = features
-        # Features concatenated after each upsampling: the encoder levels from
-        # the second-coarsest to the finest.
-        skips = list(ENCODER_FEATURES[-2::-1])
-        self.decoder = torch.nn.ModuleList()
-        for i, features in enumerate(DECODER_FEATURES):
-            self.decoder.append(conv(prev, features, 3, padding=1))
-            prev = features + (skips[i] if i < len(skips) else 0)
-        prev = DECODER_FEATURES[-1] + in_channels
-        self.full_res = torch.nn.ModuleList()
-        for features in FULL_RES_FEATURES:
-            self.full_res.append(conv(prev, features, 3, padding=1))
-            prev = features
-        self.flow = conv(prev, ndim, 3, padding=1)
-        torch.nn.init.normal_(self.flow.weight, 0.0, 1e-5)
-        torch.nn.init.zeros_(self.flow.bias)
-
-    def forward(self, pair: torch.Tensor) -> torch.Tensor:
-        act = lambda x: F.leaky_relu(x, 0.2)
-        levels = [pair]
-        for layer in self.encoder:
-            levels.append(act(layer(levels[-1])))
-        x = levels.pop()
-        for layer in self.decoder:
-            x = act(layer(x))
-            skip = levels.pop()
-            x = torch.cat([F.interpolate(x, size=skip.shape[2:], mode="nearest"), skip],
-                          dim=1)
-        for layer in self.full_res:
-            x = act(layer(x))
-        return self.flow(x)
-
-
-def conv_layers(model: VoxelMorph) -> list:
-    """The convolutions of ``model`` in forward order."""
-    return [*model.encoder, *model.decoder, *model.full_res, model.flow]
-
-
-def load_flax_convs(model: VoxelMorph, convs) -> None:
-    """Copies channels-last Flax conv parameters into ``model``, in forward order.
-
-    Args:
-      model: the module to overwrite.
-      convs: one ``(kernel, bias)`` pair per layer of :func:`conv_layers`, kernel
-        ``(kd, kh, kw, cin, cout)`` (Flax layout), bias ``(cout,)``.
-    """
-    layers = conv_layers(model)
-    if len(convs) != len(layers):
-        raise ValueError(f"expected {len(layers)} (kernel, bias) pairs, got {len(convs)}")
-    ndim = layers[0].weight.dim() - 2
-    with torch.no_grad():
-        for i, (layer, (kernel, bias)) in enumerate(zip(layers, convs)):
-            weight = torch.as_tensor(np.array(kernel)).permute(
-                ndim + 1, ndim, *range(ndim))
-            if weight.shape != layer.weight.shape or tuple(np.shape(bias)) != tuple(
-                    layer.bias.shape):
-                raise ValueError(
-                    f"layer {i}: Flax kernel {tuple(np.shape(kernel))} / bias "
-                    f"{tuple(np.shape(bias))} do not fit torch weight "
-                    f"{tuple(layer.weight.shape)} / bias {tuple(layer.bias.shape)}")
-            layer.weight.copy_(weight)
-            layer.bias.copy_(torch.as_tensor(np.array(bias)))
+# The networks and the two training steps.
 
 
 def network(name: str, img_size: Sequence[int], **options: Any) -> torch.nn.Module:
     """The PyTorch network ``name`` (one of :data:`NETWORKS`) for ``img_size``.
 
-    ``options`` are the architecture options of the ``ofg_jax.models`` network of
-    the same name (``window_size``, ``embed_dim``, ...; the JAX-only ``dtype``,
-    ``conv_impl`` and ``remat`` are ignored). VoxelMorph has the reference's fixed
-    widths: options that differ from them raise ``ValueError``.
+    The network of ``experiments.torch_networks`` (the authors' module names;
+    ``forward`` returns ``(warped, flow)``). ``options`` are the architecture
+    options of the ``ofg_jax.models`` network of the same name (``window_size``,
+    ``embed_dim``, ``enc_features``, ``diffeomorphic``, ...); the JAX-only
+    ``dtype``, ``conv_impl`` and ``remat`` are ignored.
     """
-    options = {k: v for k, v in options.items() if k not in ("dtype", "conv_impl", "remat")}
-    if name == "voxelmorph":
-        reference = {"enc_features": ENCODER_FEATURES, "dec_features": DECODER_FEATURES,
-                     "final_features": FULL_RES_FEATURES}
-        differ = sorted(k for k, v in options.items()
-                        if (k in reference and tuple(v) != reference[k])
-                        or (k == "diffeomorphic" and v))
-        if differ:
-            raise ValueError(f"the PyTorch VoxelMorph has the reference architecture only; "
-                             f"cannot set {differ}")
-        return VoxelMorph()
     from experiments import torch_networks
-    classes = {"vitvnet": torch_networks.ViTVNet, "transmorph": torch_networks.TransMorph}
-    if name not in classes:
+
+    options = {k: v for k, v in options.items() if k not in ("dtype", "conv_impl", "remat")}
+    if name not in torch_networks.NETWORKS:
         raise ValueError(f"no PyTorch baseline of {name!r}; valid: {', '.join(NETWORKS)}")
-    return classes[name](tuple(img_size), **options)
+    return torch_networks.NETWORKS[name](tuple(img_size), **options)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float = 1e-4,
@@ -257,7 +160,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """
     model.train()
     optimizer.zero_grad()
-    pred = model(torch.cat([moving, fixed], dim=1))
+    pred = model.predict(torch.cat([moving, fixed], dim=1))
     if mode == "ofg":
         loss = ofg_training_loss(pred, moving, fixed, **refine_kwargs)
     elif mode == "unsupervised":

@@ -1,24 +1,23 @@
-"""PyTorch baselines of ViT-V-Net and TransMorph with the semantics of ``ofg_jax.models``.
+"""PyTorch versions of the registration networks, with the TransMorph authors' names.
 
-Eager, channels-first re-implementations of the two transformer registration
-networks of :mod:`ofg_jax.models.vitvnet` and :mod:`ofg_jax.models.transmorph`:
-the same layers, the same parameter counts (ViT-V-Net 31,560,079 and
-TransMorph 46,771,251 at 160x192x224 with the defaults) and, with the weights
-copied by :func:`load_flax_params`, the same outputs. They serve as the speed
-baselines of the benchmarks and as the independent references of the parity
-tests (``tests/test_torch_networks.py``).
+Eager, channels-first versions of :mod:`ofg_jax.models` (VoxelMorph, ViT-V-Net,
+TransMorph) whose ``state_dict()`` has exactly the keys, shapes, dtypes and
+parameter/buffer kinds of the checkpoints that the TransMorph authors publish
+(``junyuchen245/TransMorph_Transformer_for_Medical_Image_Registration``; the
+layouts of :data:`PUBLISHED`), and whose outputs equal those of the Flax
+networks with the same weights (:func:`load_variables`, which goes through
+``ofg_jax.models.to_torch``). They are the independent references of the
+importer of those checkpoints and of the parity tests
+(``tests/test_torch_networks.py``), and the PyTorch speed baselines of the
+benchmarks (``experiments.torch_baseline.network``).
 
-Shapes: input ``(B, 2, D, H, W)`` (moving, then fixed), output ``(B, 3, D, H, W)``,
-a displacement in voxels whose channel ``k`` moves along spatial axis ``k`` (as
-``ofg_jax.warp``). ``model.train()`` turns dropout and drop path on,
+Shapes: input ``(B, 2, D, H, W)`` (moving, then fixed). ``forward`` returns
+``(warped, flow)`` as the authors' networks do: ``flow`` ``(B, 3, D, H, W)`` is a
+displacement in voxels whose channel ``k`` moves along spatial axis ``k`` (the
+Flax network's output, channels-first), ``warped`` ``(B, 1, D, H, W)`` is the
+moving image (channel 0 of the input) warped by it with the network's
+:class:`SpatialTransformer`. ``model.train()`` turns dropout and drop path on,
 ``model.eval()`` off (Flax's ``train=True`` / ``train=False``).
-
-Layout notes (Flax -> PyTorch, handled by :func:`load_flax_params`): conv
-kernels ``(kd, kh, kw, cin, cout) -> (cout, cin, kd, kh, kw)``; dense kernels
-``(in, out) -> (out, in)``; LayerNorm and BatchNorm ``scale -> weight``;
-``batch_stats`` ``mean / var -> running_mean / running_var``. The Flax-only
-attributes ``dtype`` and ``conv_impl`` have no counterpart here (use
-``module.to(dtype)`` or autocast).
 
 One difference in training mode only: ``nn.BatchNorm3d`` (ViT-V-Net's decoder)
 updates its running variance with the unbiased batch variance, Flax's
@@ -27,14 +26,18 @@ channel in the batch). The normalised outputs are the same in both modes.
 """
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TransMorph", "ViTVNet", "integrate_velocity", "load_flax_params"]
+from experiments.torch_swin import SwinEncoder
+
+__all__ = ["NETWORKS", "PUBLISHED", "PUBLISHED_IMG_SIZE", "SpatialTransformer", "TransMorph",
+           "ViTVNet", "VoxelMorph", "integrate_velocity", "load_variables", "published",
+           "randomise"]
 
 
 # ---------------------------------------------------------------------------
@@ -58,9 +61,9 @@ def _check_input(name: str, x: torch.Tensor, img_size: tuple) -> None:
             f"{img_size[1]}, {img_size[2]}); got shape {tuple(x.shape)}")
 
 
-def _conv3(cin: int, cout: int, bias: bool = True) -> nn.Conv3d:
-    """3x3x3 convolution with 'same' zero padding."""
-    return nn.Conv3d(cin, cout, 3, padding=1, bias=bias)
+def _conv3(cin: int, cout: int, bias: bool = True, stride: int = 1) -> nn.Conv3d:
+    """3x3x3 convolution with zero padding 1."""
+    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=bias)
 
 
 def _flow_head(cin: int) -> nn.Conv3d:
@@ -74,6 +77,33 @@ def _flow_head(cin: int) -> nn.Conv3d:
 def _upsample2(x: torch.Tensor) -> torch.Tensor:
     """Trilinear x2, half-pixel centres: ``(B, C, *S) -> (B, C, *2S)``."""
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+
+
+class SpatialTransformer(nn.Module):
+    """``src`` ``(B, C, *S)`` sampled trilinearly at ``grid + flow``, zeros outside.
+
+    ``grid``: the persistent float32 buffer ``(1, 3, *size)`` of voxel indices
+    (``grid[0, k]`` = index along axis ``k``), as in the authors' checkpoints.
+    Locations are normalised as the authors' ``2 * (loc / (n - 1) - 0.5)``;
+    ``align_corners=True`` (their IXI networks) makes that the exact voxel
+    position; ``False`` (their OASIS TransMorph) samples at
+    ``loc * n / (n - 1) - 0.5`` instead.
+    """
+
+    def __init__(self, size: Sequence[int], align_corners: bool = True):
+        super().__init__()
+        self.align_corners = align_corners
+        axes = [torch.arange(n, dtype=torch.float32) for n in size]
+        self.register_buffer("grid", torch.stack(torch.meshgrid(*axes, indexing="ij"))[None])
+
+    def forward(self, src: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """``src`` ``(B, C, *S)``, ``flow`` ``(B, 3, *S)`` in voxels -> ``(B, C, *S)``."""
+        locs = self.grid + flow
+        norm = torch.stack([2.0 * (locs[:, k] / (n - 1) - 0.5)
+                            for k, n in enumerate(flow.shape[2:])], dim=-1)
+        # grid_sample's last axis is (x, y, z): the spatial axes reversed.
+        return F.grid_sample(src, norm.flip(-1), mode="bilinear", padding_mode="zeros",
+                             align_corners=self.align_corners)
 
 
 def _warp(image: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
@@ -107,7 +137,109 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
 
 
 def _finalize(flow: torch.Tensor, diffeomorphic: bool, int_steps: int) -> torch.Tensor:
+    """The flow head's output as a displacement (integrated if ``diffeomorphic``)."""
     return integrate_velocity(flow, int_steps) if diffeomorphic else flow
+
+
+# ---------------------------------------------------------------------------
+# VoxelMorph.
+
+
+class _VxmConv(nn.Module):
+    """``main`` (3x3x3 conv with bias, stride 1 or 2), then LeakyReLU(0.2)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.main = _conv3(cin, cout, stride=stride)
+
+    def forward(self, x):
+        return F.leaky_relu(self.main(x), 0.2)
+
+
+class _VxmUNet(nn.Module):
+    """The authors' ``Unet``: ``(B, 2, *S) -> (B, final_features[-1], *S)``.
+
+    ``downarm``: stride-2 convs. ``uparm``: at each level a conv, nearest x2
+    upsampling and concatenation ``[x, skip]`` of the encoder feature of the new
+    resolution (the input at full resolution). ``extras``: convs at full
+    resolution.
+    """
+
+    def __init__(self, enc: Sequence[int], dec: Sequence[int], final: Sequence[int],
+                 in_channels: int = 2):
+        super().__init__()
+        self.downarm, self.uparm, self.extras = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        prev = in_channels
+        for features in enc:
+            self.downarm.append(_VxmConv(prev, features, stride=2))
+            prev = features
+        skips = [*enc[-2::-1], in_channels]   # concatenated after uparm[0], uparm[1], ...
+        for features, skip in zip(dec, skips):
+            self.uparm.append(_VxmConv(prev, features))
+            prev = features + skip
+        for features in final:
+            self.extras.append(_VxmConv(prev, features))
+            prev = features
+
+    def forward(self, x):
+        levels = [x]
+        for layer in self.downarm:
+            levels.append(layer(levels[-1]))
+        h = levels.pop()
+        for layer in self.uparm:
+            h = F.interpolate(layer(h), scale_factor=2, mode="nearest")
+            h = torch.cat([h, levels.pop()], dim=1)
+        for layer in self.extras:
+            h = layer(h)
+        return h
+
+
+class VoxelMorph(nn.Module):
+    """VoxelMorph (the authors' ``VxmDense``): ``(B, 2, *S) -> (warped, flow)``.
+
+    As ``ofg_jax.models.VoxelMorph``: ``unet_model`` (:class:`_VxmUNet`,
+    LeakyReLU(0.2) after every conv), the 3x3x3 flow head ``flow`` initialised
+    ``N(0, 1e-5)`` with zero bias, and ``transformer``
+    (:class:`SpatialTransformer`, ``align_corners=True``). The defaults are
+    VxmDense_1 (274,387 parameters); VxmDense_2 has ``enc_features=(16, 32, 32,
+    32)``, ``final_features=(32, 16, 16)`` (301,411).
+
+    Args:
+      img_size: ``(D, H, W)``, each divisible by ``2 ** len(enc_features)``.
+      enc_features, dec_features, final_features: channels per conv;
+        ``len(dec_features) == len(enc_features)``, ``final_features`` not empty.
+      diffeomorphic: integrate the flow head's output as a stationary velocity
+        field (``int_steps`` squarings) before warping; the authors' networks
+        have no integration.
+    """
+
+    def __init__(self, img_size: Sequence[int],
+                 enc_features: Sequence[int] = (8, 32, 32, 32),
+                 dec_features: Sequence[int] = (32, 32, 32, 32),
+                 final_features: Sequence[int] = (32, 8, 8),
+                 diffeomorphic: bool = False, int_steps: int = 7):
+        super().__init__()
+        if len(dec_features) != len(enc_features) or not final_features:
+            raise ValueError(
+                f"VoxelMorph needs as many dec_features as enc_features and at least one "
+                f"final_features, got {tuple(enc_features)}, {tuple(dec_features)}, "
+                f"{tuple(final_features)}")
+        self.img_size = _check_img_size("VoxelMorph", img_size, 2 ** len(enc_features))
+        self.diffeomorphic, self.int_steps = diffeomorphic, int_steps
+        self.unet_model = _VxmUNet(tuple(enc_features), tuple(dec_features),
+                                   tuple(final_features))
+        self.flow = _flow_head(final_features[-1])
+        self.transformer = SpatialTransformer(self.img_size)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, 2, D, H, W)`` -> the flow ``(B, 3, D, H, W)`` alone."""
+        _check_input("VoxelMorph", x, self.img_size)
+        return _finalize(self.flow(self.unet_model(x)), self.diffeomorphic, self.int_steps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``(B, 2, D, H, W)`` -> ``(warped (B, 1, D, H, W), flow (B, 3, D, H, W))``."""
+        flow = self.predict(x)
+        return self.transformer(x[:, :1], flow), flow
 
 
 # ---------------------------------------------------------------------------
@@ -117,111 +249,228 @@ VIT_PATCH_SIZE = 8
 
 
 class _DoubleConv(nn.Module):
-    """(3x3x3 conv with bias, ReLU) twice: ``(B, cin, *S) -> (B, cout, *S)``."""
+    """``double_conv``: (3x3x3 conv with bias, ReLU) twice (indices 0 and 2 are convs)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv_0 = _conv3(cin, cout)
-        self.conv_1 = _conv3(cout, cout)
+        self.double_conv = nn.Sequential(_conv3(cin, cout), nn.ReLU(),
+                                         _conv3(cout, cout), nn.ReLU())
 
     def forward(self, x):
-        return F.relu(self.conv_1(F.relu(self.conv_0(x))))
+        return self.double_conv(x)
 
 
-class _ConvBNReLU(nn.Module):
-    """3x3x3 conv without bias, BatchNorm (eps 1e-5, momentum 0.1), ReLU."""
+class _Down(nn.Module):
+    """``maxpool_conv``: 2x2x2 max pooling (index 0), then a ``_DoubleConv`` (index 1)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = _conv3(cin, cout, bias=False)
-        self.norm = nn.BatchNorm3d(cout, eps=1e-5, momentum=0.1)
+        self.maxpool_conv = nn.Sequential(nn.MaxPool3d(2), _DoubleConv(cin, cout))
 
     def forward(self, x):
-        return F.relu(self.norm(self.conv(x)))
+        return self.maxpool_conv(x)
 
 
-class _ViTDecoderBlock(nn.Module):
-    """Trilinear x2 upsampling, concatenation ``[x, skip]``, two ``_ConvBNReLU``."""
+class _CNNEncoder(nn.Module):
+    """``inc``, ``down1``, ``down2``: ``(B, 2, *S) -> (feats (B, c2, *S/4), skips)``.
 
-    def __init__(self, cin: int, cskip: int, cout: int):
-        super().__init__()
-        self.conv_0 = _ConvBNReLU(cin + cskip, cout)
-        self.conv_1 = _ConvBNReLU(cout, cout)
-
-    def forward(self, x, skip):
-        x = torch.cat([_upsample2(x), skip], dim=1)
-        return self.conv_1(self.conv_0(x))
-
-
-class _ViTBlock(nn.Module):
-    """Pre-norm transformer block: ``(B, N, hidden) -> (B, N, hidden)``.
-
-    LayerNorm (eps 1e-6), multi-head attention (logits / sqrt(head_dim), dropout
-    on the weights and on the output projection, both ``attention_dropout_rate``),
-    residual; LayerNorm, ``fc1``, exact (erf) GELU, dropout, ``fc2``, dropout,
-    residual.
+    ``skips``: the features at 1/16 and 1/8 (``feats`` max-pooled once and twice),
+    ``feats``, and those at 1/2 and 1, coarsest first.
     """
 
-    def __init__(self, hidden: int, heads: int, mlp_dim: int, dropout_rate: float,
-                 attention_dropout_rate: float):
+    def __init__(self, channels: Sequence[int]):
+        super().__init__()
+        c0, c1, c2 = channels
+        self.inc = _DoubleConv(2, c0)
+        self.down1 = _Down(c0, c1)
+        self.down2 = _Down(c1, c2)
+
+    def forward(self, x):
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        feats = self.down2(x2)
+        f8 = F.max_pool3d(feats, 2)
+        return feats, [F.max_pool3d(f8, 2), f8, feats, x2, x1]
+
+
+class _Embeddings(nn.Module):
+    """``hybrid_model`` (the CNN encoder), then the tokens of its 1/4 features.
+
+    ``patch_embeddings``: 8x8x8 conv, stride 8, flattened in C order to ``(B, N,
+    hidden)``; plus ``position_embeddings`` ``(1, N, hidden)`` (zeros at init),
+    dropout. Returns ``(tokens, skips)``.
+    """
+
+    def __init__(self, n_tokens: int, encoder_channels: Sequence[int], hidden: int,
+                 dropout_rate: float):
+        super().__init__()
+        self.hybrid_model = _CNNEncoder(encoder_channels)
+        self.patch_embeddings = nn.Conv3d(encoder_channels[-1], hidden, VIT_PATCH_SIZE,
+                                          stride=VIT_PATCH_SIZE)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, n_tokens, hidden))
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x):
+        feats, skips = self.hybrid_model(x)
+        tokens = self.patch_embeddings(feats).flatten(2).transpose(1, 2)
+        return self.dropout(tokens + self.position_embeddings), skips
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention ``(B, N, hidden) -> same``: ``query``, ``key``,
+    ``value``, logits / sqrt(head_dim), softmax, dropout, ``out``, dropout (both
+    dropouts ``attention_dropout_rate``)."""
+
+    def __init__(self, hidden: int, heads: int, attention_dropout_rate: float):
         super().__init__()
         self.heads = heads
-        self.attention_norm = nn.LayerNorm(hidden, eps=1e-6)
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.value = nn.Linear(hidden, hidden)
         self.out = nn.Linear(hidden, hidden)
         self.attn_dropout = nn.Dropout(attention_dropout_rate)
         self.proj_dropout = nn.Dropout(attention_dropout_rate)
-        self.ffn_norm = nn.LayerNorm(hidden, eps=1e-6)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        head_dim = c // self.heads
+        split = lambda t: t.reshape(b, n, self.heads, head_dim).transpose(1, 2)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)      # (B, heads, N, N)
+        weights = self.attn_dropout(torch.softmax(logits, dim=-1))
+        h = (weights @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj_dropout(self.out(h))
+
+
+class _ViTMlp(nn.Module):
+    """``fc1`` (Xavier-uniform, bias ``N(0, 1e-6)``), exact GELU, dropout, ``fc2``,
+    dropout."""
+
+    def __init__(self, hidden: int, mlp_dim: int, dropout_rate: float):
+        super().__init__()
         self.fc1 = nn.Linear(hidden, mlp_dim)
         self.fc2 = nn.Linear(mlp_dim, hidden)
         for fc in (self.fc1, self.fc2):
             nn.init.xavier_uniform_(fc.weight)
             nn.init.normal_(fc.bias, std=1e-6)
-        self.mlp_dropout_1 = nn.Dropout(dropout_rate)
-        self.mlp_dropout_2 = nn.Dropout(dropout_rate)
+        self.dropout = nn.Dropout(dropout_rate)
 
     def forward(self, x):
-        b, n, c = x.shape
-        head_dim = c // self.heads
-        h = self.attention_norm(x)
-        split = lambda t: t.reshape(b, n, self.heads, head_dim).transpose(1, 2)
-        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
-        logits = q @ k.transpose(-1, -2) / math.sqrt(head_dim)      # (B, heads, N, N)
-        weights = self.attn_dropout(torch.softmax(logits, dim=-1))
-        h = (weights @ v).transpose(1, 2).reshape(b, n, c)
-        x = x + self.proj_dropout(self.out(h))
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
 
-        h = self.ffn_norm(x)
-        h = self.mlp_dropout_1(F.gelu(self.fc1(h)))
-        return x + self.mlp_dropout_2(self.fc2(h))
+
+class _ViTBlock(nn.Module):
+    """Pre-norm block ``(B, N, hidden) -> same``: ``x + attn(attention_norm(x))``,
+    then ``x + ffn(ffn_norm(x))``; LayerNorms with eps 1e-6."""
+
+    def __init__(self, hidden: int, heads: int, mlp_dim: int, dropout_rate: float,
+                 attention_dropout_rate: float):
+        super().__init__()
+        # The authors' registration order (the state_dict's): norms, ffn, attn.
+        self.attention_norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.ffn_norm = nn.LayerNorm(hidden, eps=1e-6)
+        self.ffn = _ViTMlp(hidden, mlp_dim, dropout_rate)
+        self.attn = _Attention(hidden, heads, attention_dropout_rate)
+
+    def forward(self, x):
+        x = x + self.attn(self.attention_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class _ViTEncoder(nn.Module):
+    """``layer`` (the blocks), then ``encoder_norm`` (LayerNorm, eps 1e-6)."""
+
+    def __init__(self, num_layers: int, hidden: int, heads: int, mlp_dim: int,
+                 dropout_rate: float, attention_dropout_rate: float):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            _ViTBlock(hidden, heads, mlp_dim, dropout_rate, attention_dropout_rate)
+            for _ in range(num_layers))
+        self.encoder_norm = nn.LayerNorm(hidden, eps=1e-6)
+
+    def forward(self, h):
+        for block in self.layer:
+            h = block(h)
+        return self.encoder_norm(h)
+
+
+class _ViTTransformer(nn.Module):
+    """``embeddings`` then ``encoder``: ``(B, 2, *S) -> (tokens (B, N, hidden), skips)``."""
+
+    def __init__(self, n_tokens: int, encoder_channels: Sequence[int], hidden: int,
+                 num_layers: int, heads: int, mlp_dim: int, dropout_rate: float,
+                 attention_dropout_rate: float):
+        super().__init__()
+        self.embeddings = _Embeddings(n_tokens, encoder_channels, hidden, dropout_rate)
+        self.encoder = _ViTEncoder(num_layers, hidden, heads, mlp_dim, dropout_rate,
+                                   attention_dropout_rate)
+
+    def forward(self, x):
+        tokens, skips = self.embeddings(x)
+        return self.encoder(tokens), skips
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    """3x3x3 conv without bias (0), BatchNorm3d (1; eps 1e-5, momentum 0.1), ReLU."""
+    return nn.Sequential(_conv3(cin, cout, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+
+
+class _ViTDecoderBlock(nn.Module):
+    """Trilinear x2 upsampling, concatenation ``[x, skip]``, ``conv1``, ``conv2``."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.conv1 = _conv_bn_relu(cin + cskip, cout)
+        self.conv2 = _conv_bn_relu(cout, cout)
+
+    def forward(self, x, skip):
+        return self.conv2(self.conv1(torch.cat([_upsample2(x), skip], dim=1)))
+
+
+class _ViTDecoder(nn.Module):
+    """The authors' ``DecoderCup``: tokens on the 1/32 grid back to full resolution.
+
+    ``(B, N, hidden)`` as ``(B, hidden, *grid)``, ``conv_more`` (conv-BN-ReLU),
+    then ``blocks`` with the skips coarsest first.
+    """
+
+    def __init__(self, grid: Sequence[int], hidden: int, conv_first_channel: int,
+                 decoder_channels: Sequence[int], skip_channels: Sequence[int]):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.conv_more = _conv_bn_relu(hidden, conv_first_channel)
+        ins = [conv_first_channel, *decoder_channels[:-1]]
+        self.blocks = nn.ModuleList(_ViTDecoderBlock(cin, skip, cout) for cin, skip, cout
+                                    in zip(ins, skip_channels, decoder_channels))
+
+    def forward(self, tokens, skips):
+        b, _, hidden = tokens.shape
+        h = self.conv_more(tokens.transpose(1, 2).reshape(b, hidden, *self.grid))
+        for block, skip in zip(self.blocks, skips):
+            h = block(h, skip)
+        return h
 
 
 class ViTVNet(nn.Module):
-    """ViT-V-Net: ``(B, 2, *img_size) -> (B, 3, *img_size)`` displacement in voxels.
+    """ViT-V-Net: ``(B, 2, *img_size) -> (warped, flow)``, as ``ofg_jax.models.ViTVNet``.
 
-    As ``ofg_jax.models.ViTVNet``: a CNN encoder (``encoder_channels`` ``(c0, c1,
-    c2)``: a double conv at full resolution, then max-pool + double conv twice)
-    feeds a ViT on 8x8x8 patches of its 1/4-resolution features (a strided conv,
-    learned position embeddings, dropout, ``num_layers`` pre-norm blocks, a final
-    LayerNorm). ``conv_more`` (conv-BatchNorm-ReLU to ``conv_first_channel``) and
-    five decoder blocks (trilinear x2 upsampling, concatenation ``[x, skip]``, two
-    conv-BatchNorm-ReLU to ``decoder_channels[i]``) with skips ``(c2 at 1/16, c2
-    at 1/8, c2 at 1/4, c1 at 1/2, c0 at 1)`` lead to a 3x3x3 flow head initialised
-    ``N(0, 1e-5)``. 31,560,079 parameters at 160x192x224 with the defaults.
-
-    Submodule names equal the Flax parameter paths (``inc.conv_0``,
-    ``layer_3.query``, ``decoder_1.conv_0.norm``, ...), which
-    :func:`load_flax_params` relies on.
+    ``transformer``: a CNN encoder (``encoder_channels`` ``(c0, c1, c2)``: a double
+    conv at full resolution, then max-pool + double conv twice) feeds a ViT on
+    8x8x8 patches of its 1/4-resolution features (a strided conv, learned position
+    embeddings, dropout, ``num_layers`` pre-norm blocks, a final LayerNorm).
+    ``decoder``: ``conv_more`` (conv-BatchNorm-ReLU to ``conv_first_channel``) and
+    five blocks (trilinear x2 upsampling, concatenation ``[x, skip]``, two
+    conv-BatchNorm-ReLU to ``decoder_channels[i]``) with skips ``(c2 at 1/16, c2 at
+    1/8, c2 at 1/4, c1 at 1/2, c0 at 1)``. ``reg_head``: the 3x3x3 flow head
+    (``N(0, 1e-5)``). ``spatial_trans``: ``align_corners=True``. 31,560,079
+    parameters at 160x192x224 with the defaults (the published configuration).
 
     Args:
       img_size: ``(D, H, W)``, each divisible by 32.
       encoder_channels, hidden_size, num_layers, num_heads, mlp_dim, dropout_rate,
       attention_dropout_rate, conv_first_channel, decoder_channels: the
-        architecture; defaults are the published configuration.
-      diffeomorphic: integrate the output as a stationary velocity field
-        (``int_steps`` squarings).
+        architecture.
+      diffeomorphic, int_steps: as :class:`VoxelMorph`.
     """
 
     def __init__(self, img_size: Sequence[int],
@@ -242,291 +491,88 @@ class ViTVNet(nn.Module):
             raise ValueError(f"ViTVNet: hidden_size {hidden_size} is not divisible by "
                              f"num_heads {num_heads}")
         self.img_size = _check_img_size("ViTVNet", img_size, 4 * VIT_PATCH_SIZE)
-        self.hidden_size = hidden_size
         self.diffeomorphic, self.int_steps = diffeomorphic, int_steps
         c0, c1, c2 = encoder_channels
+        grid = tuple(n // (4 * VIT_PATCH_SIZE) for n in self.img_size)
+        self.transformer = _ViTTransformer(
+            math.prod(grid), encoder_channels, hidden_size, num_layers, num_heads, mlp_dim,
+            dropout_rate, attention_dropout_rate)
+        self.decoder = _ViTDecoder(grid, hidden_size, conv_first_channel, decoder_channels,
+                                   (c2, c2, c2, c1, c0))
+        self.reg_head = nn.Sequential(_flow_head(decoder_channels[-1]))
+        self.spatial_trans = SpatialTransformer(self.img_size)
 
-        self.inc = _DoubleConv(2, c0)
-        self.down1 = _DoubleConv(c0, c1)
-        self.down2 = _DoubleConv(c1, c2)
-        self.patch_embeddings = nn.Conv3d(c2, hidden_size, VIT_PATCH_SIZE,
-                                          stride=VIT_PATCH_SIZE)
-        self.grid = tuple(n // (4 * VIT_PATCH_SIZE) for n in self.img_size)
-        self.position_embeddings = nn.Parameter(
-            torch.zeros(1, math.prod(self.grid), hidden_size))
-        self.embed_dropout = nn.Dropout(dropout_rate)
-        for i in range(num_layers):
-            self.add_module(f"layer_{i}", _ViTBlock(hidden_size, num_heads, mlp_dim,
-                                                    dropout_rate, attention_dropout_rate))
-        self.num_layers = num_layers
-        self.encoder_norm = nn.LayerNorm(hidden_size, eps=1e-6)
-        self.conv_more = _ConvBNReLU(hidden_size, conv_first_channel)
-        prev = conv_first_channel
-        for i, (features, skip) in enumerate(zip(decoder_channels, (c2, c2, c2, c1, c0))):
-            self.add_module(f"decoder_{i}", _ViTDecoderBlock(prev, skip, features))
-            prev = features
-        self.flow = _flow_head(prev)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, 2, D, H, W)`` (moving, fixed) -> ``(B, 3, D, H, W)``."""
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, 2, D, H, W)`` -> the flow ``(B, 3, D, H, W)`` alone."""
         _check_input("ViTVNet", x, self.img_size)
-        x1 = self.inc(x)
-        x2 = self.down1(F.max_pool3d(x1, 2))
-        feats = self.down2(F.max_pool3d(x2, 2))
-        f8 = F.max_pool3d(feats, 2)
-        skips = [F.max_pool3d(f8, 2), f8, feats, x2, x1]
+        tokens, skips = self.transformer(x)
+        return _finalize(self.reg_head(self.decoder(tokens, skips)), self.diffeomorphic,
+                         self.int_steps)
 
-        tokens = self.patch_embeddings(feats)                   # (B, hidden, *grid)
-        b = tokens.shape[0]
-        h = tokens.flatten(2).transpose(1, 2)                   # (B, N, hidden), C order
-        h = self.embed_dropout(h + self.position_embeddings)
-        for i in range(self.num_layers):
-            h = getattr(self, f"layer_{i}")(h)
-        h = self.encoder_norm(h)
-        h = h.transpose(1, 2).reshape(b, self.hidden_size, *self.grid)
-
-        h = self.conv_more(h)
-        for i, skip in enumerate(skips):
-            h = getattr(self, f"decoder_{i}")(h, skip)
-        return _finalize(self.flow(h), self.diffeomorphic, self.int_steps)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``(B, 2, D, H, W)`` -> ``(warped (B, 1, D, H, W), flow (B, 3, D, H, W))``."""
+        flow = self.predict(x)
+        return self.spatial_trans(x[:, :1], flow), flow
 
 
 # ---------------------------------------------------------------------------
 # TransMorph.
 
-SWIN_PATCH_SIZE = 4
-_SWIN_LN_EPS = 1e-5
 
-
-def _window_partition(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
-    """``(B, D, H, W, C) -> (B * n_windows, prod(window), C)``, windows batch-major."""
-    b, d, h, w, c = x.shape
-    wd, wh, ww = window
-    x = x.reshape(b, d // wd, wd, h // wh, wh, w // ww, ww, c)
-    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, c)
-
-
-def _window_reverse(windows: torch.Tensor, window: Sequence[int],
-                    size: Sequence[int]) -> torch.Tensor:
-    """``(B * n_windows, prod(window), C) -> (B, D, H, W, C)``."""
-    d, h, w = size
-    wd, wh, ww = window
-    c = windows.shape[-1]
-    x = windows.reshape(-1, d // wd, h // wh, w // ww, wd, wh, ww, c)
-    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, d, h, w, c)
-
-
-def _relative_position_index(window: Sequence[int]) -> torch.Tensor:
-    """``(N, N)`` row of the ``prod(2 w - 1)`` bias table for each query/key pair.
-
-    The offset ``q - k + (w - 1)`` per axis, raveled in C order over the table
-    shape ``(2 wd - 1, 2 wh - 1, 2 ww - 1)``.
-    """
-    axes = [np.arange(n) for n in window]
-    coords = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)   # (3, N)
-    offsets = coords[:, :, None] - coords[:, None, :] + np.asarray(window)[:, None, None] - 1
-    index = np.ravel_multi_index(tuple(offsets), tuple(2 * n - 1 for n in window))
-    return torch.from_numpy(index.astype(np.int64))
-
-
-def _shifted_window_mask(size: Sequence[int], window: Sequence[int],
-                         shift: Sequence[int]) -> torch.Tensor:
-    """``(n_windows, N, N)`` additive mask, 0 within a region, -100 across regions.
-
-    After rolling the grid by ``-shift``, positions ``q >= n - shift`` along an
-    axis came from across the border; along each axis the grid splits into the
-    bands ``[0, n - w)``, ``[n - w, n - s)``, ``[n - s, n)``; a token attends only
-    to tokens of the same band on every axis.
-    """
-    labels = np.zeros(tuple(size), np.int64)
-    for axis, (n, w, s) in enumerate(zip(size, window, shift)):
-        band = np.zeros(n, np.int64)
-        band[n - w:] = 1
-        band[n - s:] = 2
-        shape = [1, 1, 1]
-        shape[axis] = n
-        labels = labels * 3 + band.reshape(shape)
-    groups = _window_partition(torch.from_numpy(labels)[None, ..., None], window)[..., 0]
-    same = groups[:, :, None] == groups[:, None, :]
-    return torch.where(same, 0.0, -100.0).to(torch.float32)
-
-
-class _DropPath(nn.Module):
-    """Stochastic depth: zeroes a whole residual branch per sample, in training."""
-
-    def __init__(self, rate: float):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x):
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) < keep
-        return torch.where(mask, x / keep, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-class _WindowAttention(nn.Module):
-    """Window attention with relative position bias: ``(B * nW, N, C) -> same``.
-
-    ``qkv`` (bias only with ``qkv_bias``), ``q * head_dim ** -0.5``, logits plus
-    the bias ``table[index]`` (``(heads, N, N)``) plus the shifted-window mask
-    (window ``i % nW`` of the batch-major windows), softmax, dropout, heads
-    concatenated head-major, ``proj``, dropout.
-    """
-
-    def __init__(self, dim: int, window: Sequence[int], heads: int, qkv_bias: bool,
-                 attn_drop_rate: float, proj_drop_rate: float):
-        super().__init__()
-        self.heads = heads
-        table_size = math.prod(2 * w - 1 for w in window)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros(table_size, heads))
-        # PyTorch's trunc_normal_(std=.02) cuts at +-2 (absolute): effectively N(0, .02).
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("relative_position_index",
-                             _relative_position_index(window).reshape(-1), persistent=False)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop_rate)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop_rate)
-
-    def forward(self, x, mask: Optional[torch.Tensor]):
-        b_, n, c = x.shape
-        heads = self.heads
-        qkv = self.qkv(x).reshape(b_, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0] * (c // heads) ** -0.5, qkv[1], qkv[2]    # (B_, heads, N, hd)
-        bias = self.relative_position_bias_table[self.relative_position_index]
-        logits = q @ k.transpose(-1, -2) + bias.reshape(n, n, heads).permute(2, 0, 1)
-        if mask is not None:
-            n_windows = mask.shape[0]
-            logits = logits.reshape(b_ // n_windows, n_windows, heads, n, n)
-            logits = (logits + mask[None, :, None]).reshape(b_, heads, n, n)
-        weights = self.attn_drop(torch.softmax(logits, dim=-1))
-        out = (weights @ v).transpose(1, 2).reshape(b_, n, c)
-        return self.proj_drop(self.proj(out))
-
-
-class _SwinBlock(nn.Module):
-    """(Shifted-)window attention and a GELU MLP, pre-norm, residual, drop path.
-
-    Tokens ``(B, D*H*W, C)`` of a ``size = (D, H, W)`` grid. A grid the window
-    does not tile is zero-padded at the end of each axis after ``norm1`` and
-    cropped after the attention (the reference's ``F.pad``). The shift applies
-    only when it is non-zero on every axis: the padded grid is rolled by
-    ``-shift`` before the window partition and by ``+shift`` after, with the
-    region mask of the padded grid.
-    """
-
-    def __init__(self, dim: int, heads: int, size: Sequence[int], window: Sequence[int],
-                 shift: Sequence[int], mlp_ratio: float, qkv_bias: bool, drop_rate: float,
-                 attn_drop_rate: float, drop_path_rate: float,
-                 mask: Optional[torch.Tensor]):
-        super().__init__()
-        self.size, self.window = tuple(size), tuple(window)
-        self.padded = tuple(-(-n // w) * w for n, w in zip(size, window))
-        self.shift = tuple(shift) if min(shift) > 0 else None
-        self.norm1 = nn.LayerNorm(dim, eps=_SWIN_LN_EPS)
-        self.attn = _WindowAttention(dim, window, heads, qkv_bias, attn_drop_rate,
-                                     drop_rate)
-        self.drop_path = _DropPath(drop_path_rate)
-        self.norm2 = nn.LayerNorm(dim, eps=_SWIN_LN_EPS)
-        hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.mlp_drop_1 = nn.Dropout(drop_rate)
-        self.mlp_drop_2 = nn.Dropout(drop_rate)
-        if self.shift is not None:
-            self.register_buffer("attn_mask", mask, persistent=False)
-        else:
-            self.attn_mask = None
-
-    def forward(self, x):
-        b, length, c = x.shape
-        h = self.norm1(x).reshape(b, *self.size, c)
-        (d, hh, w), (pd, ph, pw) = self.size, self.padded
-        h = F.pad(h, (0, 0, 0, pw - w, 0, ph - hh, 0, pd - d))
-        if self.shift is not None:
-            h = torch.roll(h, [-s for s in self.shift], dims=(1, 2, 3))
-        h = self.attn(_window_partition(h, self.window), self.attn_mask)
-        h = _window_reverse(h, self.window, self.padded)
-        if self.shift is not None:
-            h = torch.roll(h, list(self.shift), dims=(1, 2, 3))
-        h = h[:, :d, :hh, :w].reshape(b, length, c)
-        x = x + self.drop_path(h)
-
-        h = self.mlp_drop_1(F.gelu(self.fc1(self.norm2(x))))
-        return x + self.drop_path(self.mlp_drop_2(self.fc2(h)))
-
-
-class _PatchMerging(nn.Module):
-    """``(B, D, H, W, C) -> (B, D/2, H/2, W/2, 2C)``: the 8 neighbours, LN, linear.
-
-    Neighbour offsets (along D, H, W) in the order of the reference:
-    000, 100, 010, 001, 110, 011, 101, 111.
-    """
-
-    OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1),
-               (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 1))
-
-    def __init__(self, dim: int, reduce_factor: int = 4):
-        super().__init__()
-        self.norm = nn.LayerNorm(8 * dim, eps=_SWIN_LN_EPS)
-        self.reduction = nn.Linear(8 * dim, 8 * dim // reduce_factor, bias=False)
-
-    def forward(self, x):
-        x = torch.cat([x[:, i::2, j::2, k::2] for i, j, k in self.OFFSETS], dim=-1)
-        return self.reduction(self.norm(x))
-
-
-class _ConvNormAct(nn.Module):
-    """3x3x3 conv without bias, InstanceNorm (no affine, eps 1e-5), LeakyReLU(0.01)."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv = _conv3(cin, cout, bias=False)
-
-    def forward(self, x):
-        return F.leaky_relu(F.instance_norm(self.conv(x), eps=1e-5), 0.01)
+def _conv_in_lrelu(cin: int, cout: int) -> nn.Sequential:
+    """3x3x3 conv without bias (0), InstanceNorm3d (1; no affine, no running
+    statistics, eps 1e-5), LeakyReLU(0.01) (2)."""
+    return nn.Sequential(_conv3(cin, cout, bias=False), nn.InstanceNorm3d(cout),
+                         nn.LeakyReLU(0.01))
 
 
 class _SwinDecoderBlock(nn.Module):
-    """Trilinear x2 upsampling, concatenation ``[x, skip]``, two ``_ConvNormAct``."""
+    """Trilinear x2 upsampling, concatenation ``[x, skip]``, ``conv1``, ``conv2``."""
 
     def __init__(self, cin: int, cskip: int, cout: int):
         super().__init__()
-        self.conv_0 = _ConvNormAct(cin + cskip, cout)
-        self.conv_1 = _ConvNormAct(cout, cout)
+        self.conv1 = _conv_in_lrelu(cin + cskip, cout)
+        self.conv2 = _conv_in_lrelu(cout, cout)
 
     def forward(self, x, skip):
-        return self.conv_1(self.conv_0(torch.cat([_upsample2(x), skip], dim=1)))
+        return self.conv2(self.conv1(torch.cat([_upsample2(x), skip], dim=1)))
 
 
 class TransMorph(nn.Module):
-    """TransMorph: ``(B, 2, *img_size) -> (B, 3, *img_size)`` displacement in voxels.
+    """TransMorph: ``(B, 2, *img_size) -> (warped, flow)``, as ``ofg_jax.models.TransMorph``.
 
-    As ``ofg_jax.models.TransMorph``. Swin encoder: 4x4x4 patch embedding (strided
-    conv, LayerNorm, dropout), four stages of ``depths[i]`` blocks of width
-    ``embed_dim * 2**i`` (odd blocks shifted by ``window_size // 2``), drop path
-    rates ``linspace(0, drop_path_rate, sum(depths))``, a LayerNorm on each
-    stage's output, patch merging (8C -> 2C) of the un-normalised tokens between
-    stages. Decoder: five blocks (trilinear x2, concatenation ``[x, skip]``, two
+    ``transformer`` (:class:`experiments.torch_swin.SwinEncoder`): 4x4x4 patch
+    embedding (strided conv, LayerNorm, dropout), four stages of ``depths[i]``
+    blocks of width ``E * 2**i`` (``E = embed_dim``; odd blocks shifted by
+    ``window_size // 2``), patch merging (8C -> 2C) between stages, a LayerNorm
+    ``norm{i}`` on each stage's output. Conv skips: ``c1`` (``E // 2``) of the
+    input average-pooled 3x3x3/2 (zero padding counted), ``c2``
+    (``reg_head_chan``) of the input; conv-InstanceNorm-LeakyReLU(0.01) each.
+    Decoder blocks ``up0``..``up4`` (trilinear x2, concatenation ``[x, skip]``, two
     conv-InstanceNorm-LeakyReLU) from the last stage through the stage outputs 2,
-    1, 0, a conv skip ``c1`` (``embed_dim // 2``) of the 3x3x3/2 average-pooled
-    input and a conv skip ``c2`` (``reg_head_chan``) of the input; widths
-    ``(4E, 2E, E, E/2, reg_head_chan)``; a 3x3x3 flow head ``N(0, 1e-5)``.
-    46,771,251 parameters at 160x192x224 with the defaults.
+    1, 0, ``c1`` and ``c2``, widths ``(4E, 2E, E, E/2, reg_head_chan)``;
+    ``reg_head``: the 3x3x3 flow head ``N(0, 1e-5)``; ``spatial_trans``
+    (``align_corners=True``). 46,771,251 parameters at 160x192x224 with the
+    defaults (the authors' IXI TransMorph).
 
-    Submodule names equal the Flax parameter paths (``patch_embed``,
-    ``stage2_block3.attn.qkv``, ``merge1.reduction``, ``up0.conv_1.conv``, ...),
-    which :func:`load_flax_params` relies on.
+    ``half_resolution_flow=True`` is the authors' OASIS layout: no ``up4``;
+    ``up3`` goes to ``reg_head_chan`` channels (its skip is still ``c1``); the
+    flow head runs at half resolution and its output is upsampled x2 (trilinear,
+    ``align_corners=False``) without scaling its values; ``spatial_trans``
+    samples with ``align_corners=False``; ``c2`` keeps its parameters (they are in
+    the checkpoints) but is not used. 46,556,979 parameters at 160x192x224;
+    TransMorph-Large is ``embed_dim=128, depths=(2, 2, 12, 2), num_heads=(4, 4, 8,
+    16)`` with it (107,949,923).
 
     Args:
-      img_size: ``(D, H, W)``; divisible by 32 and every stage grid
-        (``img_size / 4 / 2**i``) divisible by ``window_size``.
+      img_size: ``(D, H, W)``; divisible by 32; a stage grid (``img_size / 4 /
+        2**i``) that ``window_size`` does not tile is zero-padded to a multiple of it.
       embed_dim, depths, num_heads, window_size, mlp_ratio, qkv_bias, drop_rate,
       attn_drop_rate, drop_path_rate, reg_head_chan: the architecture; defaults
-        are the published configuration.
-      diffeomorphic, int_steps: as ``ViTVNet``.
+        are the published IXI configuration.
+      diffeomorphic, int_steps: as :class:`VoxelMorph` (with
+        ``half_resolution_flow``, the upsampled field is integrated).
+      half_resolution_flow: the OASIS layout above.
     """
 
     def __init__(self, img_size: Sequence[int], embed_dim: int = 96,
@@ -534,7 +580,8 @@ class TransMorph(nn.Module):
                  window_size: Sequence[int] = (5, 6, 7), mlp_ratio: float = 4.0,
                  qkv_bias: bool = False, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.3, reg_head_chan: int = 16,
-                 diffeomorphic: bool = False, int_steps: int = 7):
+                 diffeomorphic: bool = False, int_steps: int = 7,
+                 half_resolution_flow: bool = False):
         super().__init__()
         if len(depths) != 4 or len(num_heads) != 4:
             raise ValueError(
@@ -549,156 +596,119 @@ class TransMorph(nn.Module):
                                  f"divisible by num_heads[{i}] = {heads}")
         if embed_dim % 2:
             raise ValueError(f"TransMorph: embed_dim must be even, got {embed_dim}")
-        self.img_size = _check_img_size("TransMorph", img_size, SWIN_PATCH_SIZE * 8)
-        self.stage_sizes = [tuple(n // (SWIN_PATCH_SIZE * 2 ** i) for n in self.img_size)
-                            for i in range(4)]
-        self.embed_dim, self.depths = embed_dim, tuple(depths)
+        self.img_size = _check_img_size("TransMorph", img_size, 32)
         self.diffeomorphic, self.int_steps = diffeomorphic, int_steps
-        shift = tuple(w // 2 for w in window)
-
-        self.patch_embed = nn.Conv3d(2, embed_dim, SWIN_PATCH_SIZE, stride=SWIN_PATCH_SIZE)
-        self.patch_norm = nn.LayerNorm(embed_dim, eps=_SWIN_LN_EPS)
-        self.pos_drop = nn.Dropout(drop_rate)
-        rates = np.linspace(0.0, drop_path_rate, sum(depths))
-        for i, (depth, heads, size) in enumerate(zip(depths, num_heads, self.stage_sizes)):
-            dim = embed_dim * 2 ** i
-            # One mask per stage (of its padded grid), shared by its shifted blocks.
-            padded = tuple(-(-n // w) * w for n, w in zip(size, window))
-            mask = _shifted_window_mask(padded, window, shift) if min(shift) > 0 else None
-            for j in range(depth):
-                self.add_module(f"stage{i}_block{j}", _SwinBlock(
-                    dim, heads, size, window, (0, 0, 0) if j % 2 == 0 else shift,
-                    mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
-                    float(rates[sum(depths[:i]) + j]), mask))
-            self.add_module(f"norm{i}", nn.LayerNorm(dim, eps=_SWIN_LN_EPS))
-            if i < 3:
-                self.add_module(f"merge{i}", _PatchMerging(dim))
-
+        self.half_resolution_flow = half_resolution_flow
         e = embed_dim
-        self.c1 = _ConvNormAct(2, e // 2)
-        self.c2 = _ConvNormAct(2, reg_head_chan)
-        widths = (4 * e, 2 * e, e, e // 2, reg_head_chan)
-        skips = (4 * e, 2 * e, e, e // 2, reg_head_chan)
-        prev = 8 * e
-        for i, (features, skip) in enumerate(zip(widths, skips)):
-            self.add_module(f"up{i}", _SwinDecoderBlock(prev, skip, features))
-            prev = features
-        self.flow = _flow_head(prev)
+        self.transformer = SwinEncoder(self.img_size, e, tuple(depths), tuple(num_heads),
+                                       window, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                                       drop_path_rate)
+        self.up0 = _SwinDecoderBlock(8 * e, 4 * e, 4 * e)
+        self.up1 = _SwinDecoderBlock(4 * e, 2 * e, 2 * e)
+        self.up2 = _SwinDecoderBlock(2 * e, e, e)
+        if half_resolution_flow:
+            self.up3 = _SwinDecoderBlock(e, e // 2, reg_head_chan)
+        else:
+            self.up3 = _SwinDecoderBlock(e, e // 2, e // 2)
+            self.up4 = _SwinDecoderBlock(e // 2, reg_head_chan, reg_head_chan)
+        self.c1 = _conv_in_lrelu(2, e // 2)
+        self.c2 = _conv_in_lrelu(2, reg_head_chan)
+        self.reg_head = nn.Sequential(_flow_head(reg_head_chan))
+        self.spatial_trans = SpatialTransformer(self.img_size,
+                                                align_corners=not half_resolution_flow)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, 2, D, H, W)`` (moving, fixed) -> ``(B, 3, D, H, W)``."""
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, 2, D, H, W)`` -> the flow ``(B, 3, D, H, W)`` alone."""
         _check_input("TransMorph", x, self.img_size)
-        b = x.shape[0]
-        h = self.patch_embed(x).permute(0, 2, 3, 4, 1)          # (B, D/4, H/4, W/4, E)
-        h = self.pos_drop(self.patch_norm(h))
-        stage_outputs = []
-        for i, (depth, size) in enumerate(zip(self.depths, self.stage_sizes)):
-            dim = self.embed_dim * 2 ** i
-            tokens = h.reshape(b, -1, dim)
-            for j in range(depth):
-                tokens = getattr(self, f"stage{i}_block{j}")(tokens)
-            h = tokens.reshape(b, *size, dim)
-            out = getattr(self, f"norm{i}")(h)
-            stage_outputs.append(out.permute(0, 4, 1, 2, 3))   # channels-first
-            if i < 3:
-                h = getattr(self, f"merge{i}")(h)
-
         conv_skip_half = self.c1(F.avg_pool3d(x, 3, stride=2, padding=1))
-        conv_skip_full = self.c2(x)
-        skips = [stage_outputs[2], stage_outputs[1], stage_outputs[0], conv_skip_half,
-                 conv_skip_full]
-        h = stage_outputs[3]
-        for i, skip in enumerate(skips):
-            h = getattr(self, f"up{i}")(h, skip)
-        return _finalize(self.flow(h), self.diffeomorphic, self.int_steps)
+        stages = self.transformer(x)
+        h = self.up0(stages[3], stages[2])
+        h = self.up1(h, stages[1])
+        h = self.up2(h, stages[0])
+        h = self.up3(h, conv_skip_half)
+        if self.half_resolution_flow:
+            flow = _upsample2(self.reg_head(h))
+        else:
+            flow = self.reg_head(self.up4(h, self.c2(x)))
+        return _finalize(flow, self.diffeomorphic, self.int_steps)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: ``(B, 2, D, H, W)`` -> ``(warped (B, 1, D, H, W), flow (B, 3, D, H, W))``."""
+        flow = self.predict(x)
+        return self.spatial_trans(x[:, :1], flow), flow
 
 
 # ---------------------------------------------------------------------------
-# Weights from Flax.
+# The published layouts, and weights from Flax.
+
+NETWORKS = {"voxelmorph": VoxelMorph, "vitvnet": ViTVNet, "transmorph": TransMorph}
+
+# The checkpoints that the TransMorph authors publish: layout -> (network, options).
+PUBLISHED = {
+    "voxelmorph1": ("voxelmorph", {}),
+    "voxelmorph2": ("voxelmorph", {"enc_features": (16, 32, 32, 32),
+                                   "final_features": (32, 16, 16)}),
+    "vitvnet": ("vitvnet", {}),
+    "transmorph": ("transmorph", {}),
+    "transmorph_oasis": ("transmorph", {"half_resolution_flow": True}),
+    "transmorph_large_oasis": ("transmorph", {
+        "embed_dim": 128, "depths": (2, 2, 12, 2), "num_heads": (4, 4, 8, 16),
+        "half_resolution_flow": True}),
+}
+PUBLISHED_IMG_SIZE = (160, 192, 224)
 
 
-def _flax_to_torch(kind: str, name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
-    """The torch attribute and array for the Flax leaf ``name`` of a ``kind`` layer."""
-    if kind == "conv":
-        if name == "kernel":
-            return "weight", value.transpose(4, 3, 0, 1, 2) if value.ndim == 5 else value
-        return "bias", value
-    if kind == "linear":
-        if name == "kernel":
-            return "weight", value.T if value.ndim == 2 else value
-        return "bias", value
-    # LayerNorm / BatchNorm parameters and BatchNorm statistics.
-    return {"scale": "weight", "bias": "bias", "mean": "running_mean",
-            "var": "running_var"}.get(name, name), value
+def published(layout: str, img_size: Sequence[int] = PUBLISHED_IMG_SIZE,
+              **options: Any) -> nn.Module:
+    """The network of the published ``layout`` (a key of :data:`PUBLISHED`);
+    ``options`` override its configuration (e.g. ``window_size`` at small grids)."""
+    if layout not in PUBLISHED:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(PUBLISHED)}")
+    name, defaults = PUBLISHED[layout]
+    return NETWORKS[name](tuple(img_size), **{**defaults, **options})
 
 
-def _kind(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.Conv3d):
-        return "conv"
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, (nn.LayerNorm, nn.BatchNorm3d)):
-        return "norm"
-    return None
+def load_variables(net: nn.Module, model: Any, variables: Mapping) -> None:
+    """Copies the Flax ``variables`` of ``model`` into ``net`` (strict).
 
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, prefix + (str(key),)))
-        else:
-            out[prefix + (str(key),)] = value
-    return out
-
-
-def load_flax_params(model: nn.Module, variables: Mapping) -> None:
-    """Copies a Flax ``variables`` dict into ``model`` (a ``ViTVNet`` or ``TransMorph``).
-
-    ``variables["params"]`` must hold every parameter of ``model`` (torch names
-    are the Flax paths; kernels are transposed to PyTorch layouts) and nothing
-    else; ``variables["batch_stats"]`` (ViT-V-Net) fills the BatchNorm running
-    statistics. Works for any module whose layer names equal the Flax paths.
-
-    Raises:
-      ValueError: a shape mismatch (naming the parameter and both shapes), or a
-        Flax leaf without a torch counterpart, or a torch parameter or BatchNorm
-        statistic that ``variables`` does not provide.
+    ``model``: the Flax network (``ofg_jax.models.create(name, img_size,
+    **options)``) of the same architecture as ``net``; ``variables``: its
+    ``{"params": ..., "batch_stats": ...}``. ``ofg_jax.models.to_torch`` gives the
+    authors' state_dict; every key must exist in ``net`` with the same shape and
+    ``net`` must have no other (``load_state_dict(strict=True)`` raises
+    ``RuntimeError`` naming them otherwise).
     """
-    flat = {}   # path -> (collection, array); BatchNorm statistics sit beside its params
-    for collection in ("params", "batch_stats"):
-        for path, value in _flatten(variables.get(collection, {})).items():
-            if path in flat:
-                raise ValueError(f"{'.'.join(path)} is in both params and batch_stats")
-            flat[path] = (collection, np.asarray(value))
-    targets = {}   # flax path -> (torch tensor, layer kind, torch name)
-    for module_name, module in model.named_modules():
-        prefix = tuple(module_name.split(".")) if module_name else ()
-        kind = _kind(module)
-        for name, tensor in module.named_parameters(recurse=False):
-            path = prefix + ({"weight": "scale"}.get(name, name) if kind == "norm"
-                             else {"weight": "kernel"}.get(name, name) if kind else name,)
-            targets[path] = (tensor, kind, name)
-        if isinstance(module, nn.BatchNorm3d):
-            for flax_name, buffer in (("mean", module.running_mean),
-                                      ("var", module.running_var)):
-                targets[prefix + (flax_name,)] = (buffer, kind, flax_name)
-    missing = sorted(".".join(p) for p in targets if p not in flat)
-    extra = sorted(f"{flat[p][0]}/{'.'.join(p)}" for p in flat if p not in targets)
-    if missing or extra:
-        raise ValueError(
-            f"Flax variables do not fit {type(model).__name__}: missing {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}; without torch counterpart "
-            f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    converted = []
-    for path, (tensor, kind, _) in targets.items():
-        value = flat[path][1]
-        array = _flax_to_torch(kind, path[-1], value)[1] if kind else value
-        if tuple(array.shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{'.'.join(path)}: Flax shape {tuple(value.shape)} (as torch "
-                f"{tuple(array.shape)}) does not fit torch shape {tuple(tensor.shape)}")
-        converted.append((tensor, array))
+    from ofg_jax.models import to_torch
+
+    state = to_torch(model, variables)
+    net.load_state_dict({key: torch.from_numpy(np.array(value))
+                         for key, value in state.items()}, strict=True)
+
+
+def randomise(net: nn.Module, seed: int) -> nn.Module:
+    """``net`` in eval mode with every parameter and BatchNorm statistic drawn
+    afresh (so that a wrong mapping of weights cannot pass a comparison).
+
+    Weights ~ N(0, 1/fan_in) (activations stay O(1), and the flow head, ~0 as
+    built, gives O(1) displacements); biases ~ N(0, 0.1); norm weights
+    U(0.5, 1.5); position embeddings and relative position bias tables N(0, 1);
+    running means N(0, 0.5), variances U(0.3, 3).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda t, scale: torch.randn(t.shape, generator=generator) * scale
     with torch.no_grad():
-        for tensor, array in converted:
-            tensor.copy_(torch.from_numpy(np.array(array)).to(tensor.dtype))
+        for name, p in net.named_parameters():
+            if name.endswith(("position_embeddings", "relative_position_bias_table")):
+                p.copy_(draw(p, 1.0))
+            elif p.dim() > 1:
+                p.copy_(draw(p, p[0].numel() ** -0.5))
+            elif name.endswith("weight"):  # LayerNorm, BatchNorm
+                p.copy_(torch.rand(p.shape, generator=generator) + 0.5)
+            else:
+                p.copy_(draw(p, 0.1))
+        for name, b in net.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(draw(b, 0.5))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=generator) * 2.7 + 0.3)
+    return net.eval()

@@ -8,7 +8,7 @@ keeps its traceback.
 """
 
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from absl import flags
 
@@ -75,3 +75,20 @@ def run(command: Callable[[flags.FlagValues], None], fv: flags.FlagValues,
         print_error(e)
         return exit_status(e)
     return 0
+
+
+def define_checkpoint_flag(fv: flags.FlagValues) -> None:
+    """Defines ``--checkpoint`` (best, latest or a step; see :func:`checkpoint_of`)."""
+    flags.DEFINE_string("checkpoint", "best", "best (by validation Dice), latest, or "
+                        "a step.", flag_values=fv)
+
+
+def checkpoint_of(fv: flags.FlagValues) -> Union[int, str]:
+    """``--checkpoint`` as ``inference.load_trained`` takes it: "best", "latest" or
+    a step."""
+    value = fv.checkpoint
+    if value in ("best", "latest"):
+        return value
+    if not value.isdigit():
+        raise UsageError(f"--checkpoint must be best, latest or a step, got {value!r}")
+    return int(value)

@@ -69,6 +69,17 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used; the message names it."""
 
 
+_OVERRIDE = re.compile(r"^--?config\.")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` without its ``--config.<key>=<value>`` arguments, and those
+    arguments as the ``key=value`` overrides of :func:`load`."""
+    overrides = [arg for arg in argv if _OVERRIDE.match(arg)]
+    return ([arg for arg in argv if arg not in overrides],
+            [_OVERRIDE.sub("", arg) for arg in overrides])
+
+
 def load(config_file: Optional[str] = None,
          overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """The config of ``config_file`` (default: the demo) with ``overrides`` applied.
@@ -80,7 +91,9 @@ def load(config_file: Optional[str] = None,
       overrides: ``"key=value"`` strings, as on the command line after
         ``--config.``: ``"train.epochs=3"``, ``"data.img_size=(32,32,32)"``. A
         value is parsed by the type of the field it replaces. The options of the
-        network chosen by ``model.name`` are keys of ``model`` too.
+        network chosen by ``model.name`` are keys of ``model`` too. With
+        ``train.init_from`` the network (``model.*``) is by default that
+        workdir's (its ``config.json``); ``model.*`` overrides still apply.
 
     Raises:
       ConfigError: a missing or broken config file (or an unknown name), an
@@ -102,6 +115,10 @@ def load(config_file: Optional[str] = None,
         raise ConfigError(f"config file {config_file.split(':', 1)[0]!r}: get_config() "
                           "must return an ml_collections.ConfigDict, got "
                           f"{type(config).__name__}")
+    start = _model_of_workdir(config.train.get("init_from"))
+    if start:  # the network to start from, with all its options
+        config = with_overrides(config, {f"model.{key}": value
+                                         for key, value in start.items()})
     if names:
         config = with_overrides(config, {"model.name": names[-1]})
     else:
@@ -119,6 +136,19 @@ def load(config_file: Optional[str] = None,
             raise ConfigError(f"{e}; the options of model {config.model.name!r} are: "
                               f"{valid}") from None
     return config
+
+
+def _model_of_workdir(workdir: Optional[str]) -> Optional[dict[str, Any]]:
+    """The ``model`` section of ``workdir/config.json`` (``train.init_from``), or
+    None where there is none (the run's check then names what is missing)."""
+    path = os.path.join(workdir, "config.json") if workdir else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        model = read_record(path).get("model")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.init_from={workdir}: {e}") from None
+    return _tuples(model) if isinstance(model, dict) else None
 
 
 def _parse(define: Callable[[flags.FlagValues], Any], argv: Sequence[str],

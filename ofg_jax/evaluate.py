@@ -185,13 +185,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _run(fv: flags.FlagValues) -> None:
     if not fv.workdir:
         raise cli.UsageError("--workdir is required")
-    checkpoint = fv.checkpoint
-    if checkpoint not in ("best", "latest"):
-        if not checkpoint.isdigit():
-            raise cli.UsageError(f"--checkpoint must be best, latest or a step, got "
-                                 f"{checkpoint!r}")
-        checkpoint = int(checkpoint)
-    evaluate_split(fv.workdir, split=fv.split, checkpoint=checkpoint, out=fv.out,
+    evaluate_split(fv.workdir, split=fv.split, checkpoint=cli.checkpoint_of(fv), out=fv.out,
                    refine_steps=fv["refine-steps"].value, save_fields=fv["save-fields"].value)
 
 
@@ -202,8 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     define = dict(flag_values=fv)
     flags.DEFINE_string("workdir", None, "Training workdir.", **define)
     flags.DEFINE_enum("split", "test", SPLITS, "The split to register.", **define)
-    flags.DEFINE_string("checkpoint", "best", "best (by validation Dice), latest, or "
-                        "a step.", **define)
+    cli.define_checkpoint_flag(fv)
     flags.DEFINE_string("out", None, "Output folder; default "
                         "WORKDIR/eval_<split>_step<step>.", **define)
     flags.DEFINE_integer("refine-steps", 0, "Test-time OFG steps after the network.",

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Union
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -264,3 +265,30 @@ def load_trained(workdir: str, step: Selection = None) -> Trained:
                    selection=selection, img_size=img_size, workdir=workdir,
                    downsample=int(config.data.get("downsample") or 1))
 
+
+def initial_variables(workdir: str, model: models.RegistrationNetwork) -> dict[str, Any]:
+    """The variables of the network of ``workdir`` (:func:`load_trained`), to start
+    ``model``'s training from (``train.init_from``).
+
+    Raises:
+      FileNotFoundError: no such workdir or checkpoint.
+      ValueError: the two networks' variables differ in names or shapes (the
+        first differing ones named, with their shapes).
+    """
+    trained = load_trained(workdir)
+    wanted, found = _shapes(model.variable_shapes()), _shapes(trained.variables)
+    differ = sorted(set(wanted) ^ set(found)) + sorted(
+        path for path in set(wanted) & set(found) if wanted[path] != found[path])
+    if differ:
+        listed = "; ".join(f"{path}: {found.get(path, 'absent')} there, "
+                           f"{wanted.get(path, 'absent')} here" for path in differ[:3])
+        raise ValueError(
+            f"train.init_from={workdir}: its network ({trained.config.model.name} at "
+            f"{trained.img_size}) does not have this run's variables ({listed}"
+            f"{f'; {len(differ) - 3} more' if len(differ) > 3 else ''})")
+    return trained.variables
+
+
+def _shapes(variables: Any) -> dict[str, tuple[int, ...]]:
+    return {"/".join(path): tuple(leaf.shape) for path, leaf in
+            traverse_util.flatten_dict(variables).items()}

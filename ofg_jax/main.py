@@ -25,7 +25,6 @@ processes on one machine::
 import logging
 import os
 import pathlib
-import re
 import sys
 from typing import Sequence
 
@@ -80,7 +79,6 @@ _FORCE_EVALUATE = flags.DEFINE_bool(
 _TRACEBACK = flags.DEFINE_bool(
     "traceback", False, "Show the full traceback of expected errors too.")
 
-_OVERRIDE = re.compile(r"^--?config\.")
 _loaded = {}  # The config of this command line, set by parse_flags.
 
 
@@ -95,14 +93,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\n"
               + flags.FLAGS.module_help(sys.modules[__name__]))
         sys.exit(0)
-    overrides = [arg for arg in argv[1:] if _OVERRIDE.match(arg)]
+    argv, overrides = config_lib.split_overrides(argv)
     try:
-        rest = flags.FLAGS([arg for arg in argv if arg not in overrides])
+        rest = flags.FLAGS(argv)
         if len(rest) > 1:
             raise cli.UsageError(f"unexpected arguments {rest[1:]}")
         _check_distributed_flags()
-        _loaded["config"] = config_lib.load(
-            _CONFIG.value, [_OVERRIDE.sub("", arg) for arg in overrides])
+        _loaded["config"] = config_lib.load(_CONFIG.value, overrides)
     except (flags.Error, cli.UsageError, config_lib.ConfigError) as e:
         cli.print_error(e)
         sys.exit(cli.EXIT_USAGE)

@@ -283,8 +283,11 @@ def _train(checked: workdir_lib.CheckedRun, checkpoints: checkpoint_lib.Checkpoi
     mesh = parallel.data_mesh()
     chief = jax.process_index() == 0  # On several hosts the first one writes.
     os.makedirs(workdir, exist_ok=True)
-    state = parallel.replicate(
-        create_train_state(config, checked.model, img_size, steps_per_epoch), mesh)
+    state = create_train_state(config, checked.model, img_size, steps_per_epoch)
+    if checked.initial_variables is not None:  # train.init_from, a new run
+        state = state.replace(params=checked.initial_variables["params"],
+                              batch_stats=checked.initial_variables.get("batch_stats", {}))
+    state = parallel.replicate(state, mesh)
     # Saved with every checkpoint; "initial", "best" and "final" are evaluations.
     meta = {"steps_per_epoch": steps_per_epoch, "step": 0, "epoch": 0,
             "position": 0, "identity": None, "initial": None, "best": None,

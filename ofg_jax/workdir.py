@@ -29,9 +29,13 @@ import tqdm
 from ofg_jax import config as config_lib
 from ofg_jax import data as data_lib
 from ofg_jax import distributed
+from ofg_jax import inference
 from ofg_jax import parallel
 
 CONFIG = "config.json"
+# The provenance of a workdir of ofg-import: a network to register with or to
+# train from (train.init_from), not a run to resume.
+IMPORTED = "imported.json"
 SUMMARY = "summary.json"
 SPLITS = "splits.json"  # The files of the train, val and test splits.
 LOCK = ".lock"  # "<host> <pid>" of the running run, which locks it; removed at its end.
@@ -187,6 +191,8 @@ class CheckedRun:
     record: dict[str, Any]  # What config.json holds for this config.
     recorded: Optional[dict[str, Any]]  # What config.json held, if resuming.
     changed: dict[str, tuple[Any, Any]]  # Accepted changes from ``recorded``.
+    # A new run's initial network variables (train.init_from), else None.
+    initial_variables: Optional[Any] = None
 
 
 def check_run(config: ml_collections.ConfigDict, workdir: str,
@@ -202,6 +208,10 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
     """
     config = config_lib.complete(config)
     config_lib.validate(config)
+    if os.path.isfile(os.path.join(workdir, IMPORTED)):
+        raise ValueError(
+            f"{workdir} holds imported weights (ofg-import), not a training run; train "
+            f"from them in another workdir with --config.train.init_from={workdir}")
     recorded = recorded_config(workdir)
     data = data_lib.create(config.data, config.seed)
     record = config_lib.record(config, data.full_size)
@@ -220,13 +230,17 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
     total_steps = steps_per_epoch * config.train.epochs
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
+    initial = None
+    if recorded is None and config.train.init_from:
+        initial = inference.initial_variables(config.train.init_from, model)
     with tqdm.tqdm(total=None, unit="file", desc="checking the data", leave=False,
                    disable=parallel.progress_disabled()) as bar:
         data.verify(progress=bar.update)
     return CheckedRun(config=config, workdir=workdir, data=data, model=model,
                     labels=tuple(int(label) for label in data.labels),
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                    record=record, recorded=recorded, changed=changed)
+                    record=record, recorded=recorded, changed=changed,
+                    initial_variables=initial)
 
 
 def write_record(checked: CheckedRun, step: int) -> None:

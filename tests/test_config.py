@@ -19,7 +19,7 @@ CONFIGS = {name: str(REPO / "configs" / f"{name}.py")
 # Sample values for keys whose default is None.
 SAMPLES = {"train.reg_weight": "0.5", "data.img_size": "(32,32,32)",
            "data.spacing": "(1.0,1.0,1.0)", "data.orientation": "RAS",
-           "model.dtype": "bfloat16"}
+           "model.dtype": "bfloat16", "train.init_from": "workdir/imported"}
 
 
 def documented_keys(path, first_column_prefix=""):

@@ -51,7 +51,25 @@ def registration_printed(stdout: str) -> None:
     assert lines[1] == "True", stdout  # register_volumes' output is on the fixed grid.
 
 
-SETUPS = {"registration.md": registration_files}
+def published_weights_file(folder: pathlib.Path) -> None:
+    """``VoxelMorph-2.pth.tar``: a VoxelMorph-2 at 32x48x32, saved as the authors'
+    training scripts save theirs."""
+    import jax
+    import torch
+    from ofg_jax import models
+    model = models.create("voxelmorph", (32, 48, 32), enc_features=(16, 32, 32, 32),
+                          final_features=(32, 16, 16))
+    variables = model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 48, 32, 2)))
+    state_dict = {key: torch.from_numpy(value)
+                  for key, value in models.to_torch(model, variables).items()}
+    torch.save({"epoch": 1, "state_dict": state_dict, "best_dsc": 0.7, "optimizer": {}},
+               folder / "VoxelMorph-2.pth.tar")
+
+
+# page -> setup(folder, request): the files its examples read.
+SETUPS = {"registration.md": lambda folder, request: registration_files(
+              folder, request.getfixturevalue("trained_workdir")),
+          "published_weights.md": lambda folder, request: published_weights_file(folder)}
 CHECKS = {"registration.md": registration_printed}
 EXAMPLE_PAGES = [page for page in PAGES if python_blocks(page)]
 
@@ -65,7 +83,7 @@ def test_the_pages_with_examples_are_found():
 @pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=lambda page: page.name)
 def test_python_examples_run_as_written(page, tmp_path, request):
     if page.name in SETUPS:
-        SETUPS[page.name](tmp_path, request.getfixturevalue("trained_workdir"))
+        SETUPS[page.name](tmp_path, request)
     script = "\n\n".join(python_blocks(page))
     ast.parse(script)  # A syntax error is reported with the page, not the subprocess.
     proc = run([sys.executable, "-c", script], cwd=tmp_path)

@@ -65,12 +65,13 @@ def test_remat_gives_the_same_loss_and_gradients(name):
     for a, b in zip(jax.tree.leaves(params_r), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
     assert loss > 0 and abs(loss_r - loss) <= 1e-6 * loss
-    # Gradients to 1e-6 of their norm (XLA may round a rematerialised stage
-    # differently; VoxelMorph's come out bit for bit).
+    # Gradients to 1e-5 of their norm: XLA may round a rematerialised stage
+    # differently (TransMorph's differ by 2.0e-6 of their norm on an AMD EPYC,
+    # float32 rounding; VoxelMorph's come out bit for bit).
     g, g_r = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])
               for t in (grads, grads_r))
     assert np.linalg.norm(g) > 0
-    assert np.linalg.norm(g_r - g) <= 1e-6 * np.linalg.norm(g)
+    assert np.linalg.norm(g_r - g) <= 1e-5 * np.linalg.norm(g)
     for a, b in zip(jax.tree.leaves(stats_r), jax.tree.leaves(stats)):  # ViT-V-Net's BN
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # And it keeps less for the backward pass.

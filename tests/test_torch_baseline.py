@@ -5,7 +5,6 @@ by ``tests/test_refine.py::test_matches_torch_inner_loop``; the primitives by
 ``test_warp.py``, ``test_ncc.py`` and ``test_metrics.py``.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,30 +15,8 @@ torch = pytest.importorskip("torch")
 
 from ofg_jax.configs import default  # noqa: E402
 from experiments import torch_baseline as tb  # noqa: E402
+from experiments import torch_networks as tn  # noqa: E402
 from ofg_jax import models, schedules, torch_adam, train_step  # noqa: E402
-
-REFERENCE_PARAMS = 274_387  # the reference VoxelMorph at 160x192x224, 2 channels
-
-
-def flax_convs(model, variables, x):
-    """``(kernel, bias)`` of every conv of ``model``, in the order they are called."""
-    paths = []
-
-    def record(next_fun, args, kwargs, context):
-        if (context.method_name == "__call__"
-                and "kernel" in context.module.variables.get("params", {})):
-            paths.append(context.module.path)
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(model.apply, variables, x)  # tracing calls every conv once
-    convs = []
-    for path in paths:
-        leaf = variables["params"]
-        for name in path:
-            leaf = leaf[name]
-        convs.append((np.asarray(leaf["kernel"]), np.asarray(leaf["bias"])))
-    return convs
 
 
 def param_shapes(model, x):
@@ -72,42 +49,23 @@ def smooth_images(shape, seed):
     return out
 
 
-def to_torch_channels_first(x):
-    """``(B, *S, C)`` -> torch ``(B, C, *S)``."""
-    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(np.asarray(x), -1, 1)))
-
-
-def test_voxelmorph_has_the_reference_parameter_count():
-    model = tb.VoxelMorph()
-    assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMS
-    flow = model.flow.weight.detach().numpy()
-    assert abs(flow.std() - 1e-5) < 2e-6 and not model.flow.bias.detach().any()
-
-
-def test_forward_matches_flax_with_copied_weights():
-    shape = (32, 48, 16)  # unequal sizes catch swapped axes
-    model = models.create("voxelmorph", shape)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.random((2, *shape, 2)), jnp.float32)
-    variables = {"params": random_params(param_shapes(model, x), seed=1)}
-    want = np.asarray(jax.jit(model.apply)(variables, x))
-
-    net = tb.VoxelMorph()
-    tb.load_flax_convs(net, flax_convs(model, variables, x))
-    with torch.no_grad():
-        got = np.moveaxis(net(to_torch_channels_first(x)).numpy(), 1, -1)
-    assert got.shape == want.shape == (2, *shape, 3)
-    assert np.abs(want).max() > 0.1  # every layer contributes
-    assert np.max(np.abs(got - want)) <= 1e-4 * np.abs(want).max()
-
-
-def test_load_flax_convs_names_the_bad_layer():
-    net = tb.VoxelMorph()
-    convs = [(np.zeros((3, 3, 3, 2, 8)), np.zeros(8))] * 12
-    with pytest.raises(ValueError, match="layer 1"):
-        tb.load_flax_convs(net, convs)
-    with pytest.raises(ValueError, match="12"):
-        tb.load_flax_convs(net, convs[:3])
+def test_network_builds_the_pytorch_networks():
+    """``network`` gives the ``torch_networks`` class with the Flax options; the
+    JAX-only ones are ignored. (Forward parity: ``tests/test_torch_networks.py``.)"""
+    net = tb.network("voxelmorph", (32, 32, 32))
+    assert type(net) is tn.VoxelMorph
+    assert sum(p.numel() for p in net.parameters()) == 274_387  # VxmDense_1
+    flow = net.flow.weight.detach().numpy()
+    assert abs(flow.std() - 1e-5) < 2e-6 and not net.flow.bias.detach().any()
+    net = tb.network("voxelmorph", (32, 32, 32), enc_features=(16, 32, 32, 32),
+                     final_features=(32, 16, 16), dtype="bfloat16", conv_impl="xla",
+                     remat=True)
+    assert sum(p.numel() for p in net.parameters()) == 301_411  # VxmDense_2
+    net = tb.network("transmorph", (64, 64, 64), window_size=(2, 2, 2), embed_dim=12,
+                     num_heads=(2, 2, 2, 2), half_resolution_flow=True)
+    assert type(net) is tn.TransMorph and net.half_resolution_flow
+    with pytest.raises(ValueError, match="no PyTorch baseline of 'nope'"):
+        tb.network("nope", (32, 32, 32))
 
 
 @pytest.mark.parametrize("mode", ["ofg", "unsupervised"])
@@ -126,10 +84,10 @@ def test_one_training_step_matches_ofg_jax(mode):
     state = train_step.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                          rng=jax.random.PRNGKey(0))
     state = state.replace(step=jnp.zeros([], jnp.int32))
-    convs = flax_convs(model, {"params": params}, pair)
 
-    net = tb.VoxelMorph()
-    tb.load_flax_convs(net, convs)
+    net = tb.network("voxelmorph", shape)
+    tn.load_variables(net, model, {"params": params})
+    old = {key: p.detach().numpy().copy() for key, p in net.named_parameters()}
     optimizer = tb.make_optimizer(net, lr=config.train.learning_rate)
     to_t = lambda a: torch.from_numpy(a)[None, None]
     refine_kwargs = dict(steps=config.ofg.steps, lr=config.ofg.learning_rate,
@@ -140,27 +98,28 @@ def test_one_training_step_matches_ofg_jax(mode):
 
     step = train_step.make_train_step(config, 10, shape)
     new_state, metrics = step(state, {"moving": moving[None], "fixed": fixed[None]})
-    new_convs = flax_convs(model, {"params": new_state.params}, pair)
+    new = models.to_torch(model, {"params": new_state.params})
 
     assert float(loss) == pytest.approx(float(metrics["loss"]), rel=2e-4)
     assert torch_grad_norm == pytest.approx(float(metrics["grad_norm"]), rel=1e-3)
     lr = config.train.learning_rate
-    for layer, (kernel, bias), (old_kernel, old_bias) in zip(tb.conv_layers(net),
-                                                               new_convs, convs):
-        got = np.concatenate([np.moveaxis(layer.weight.detach().numpy(), (0, 1),
-                                          (-1, -2)).ravel(), layer.bias.detach().numpy()])
-        want = np.concatenate([kernel.ravel(), bias])
-        old = np.concatenate([old_kernel.ravel(), old_bias])
-        grad = np.concatenate([np.moveaxis(layer.weight.grad.numpy(), (0, 1),
-                                           (-1, -2)).ravel(), layer.bias.grad.numpy()])
+    layers = {}  # conv -> its (weight, bias) parameters, in the authors' names
+    for key, param in net.named_parameters():
+        layers.setdefault(key.rsplit(".", 1)[0], []).append((key, param))
+    assert len(layers) == 12
+    for name, entries in layers.items():
+        got = np.concatenate([p.detach().numpy().ravel() for _, p in entries])
+        want = np.concatenate([np.asarray(new[key]).ravel() for key, _ in entries])
+        before = np.concatenate([old[key].ravel() for key, _ in entries])
+        grad = np.concatenate([p.grad.numpy().ravel() for _, p in entries])
         # Adam's first update moves every weight by ~lr along -sign(gradient), so
         # the weights must agree wherever the gradient is clearly non-zero; a few
         # percent with |gradient| < 1% of its RMS flip with float32 rounding.
         small = np.abs(grad) < 0.03 * np.sqrt(np.mean(grad ** 2))
-        moved = np.abs(want - old)
-        assert np.all(moved < 1.001 * lr) and np.mean(moved[~small]) > 0.9 * lr
+        moved = np.abs(want - before)
+        assert np.all(moved < 1.001 * lr) and np.mean(moved[~small]) > 0.9 * lr, name
         differ = np.abs(got - want) > 1e-3 * lr
-        assert np.mean(differ) < 0.03 and np.all(small[differ])
+        assert np.mean(differ) < 0.03 and np.all(small[differ]), name
 
 
 # Tiny transformers with dropout and drop path off, so that both frameworks
@@ -179,7 +138,6 @@ TRANSFORMERS = {
 def test_transformer_ofg_training_step_matches_ofg_jax(name):
     """ViT-V-Net and TransMorph: one OFG step from the same weights, same loss and
     gradient norm (ViT-V-Net's BatchNorm normalising with the batch statistics)."""
-    from experiments import torch_networks as tn
     from ofg_jax import config as config_lib
     from tests.test_torch_networks import _random_variables
 
@@ -200,7 +158,7 @@ def test_transformer_ofg_training_step_matches_ofg_jax(name):
     state = state.replace(step=jnp.zeros([], jnp.int32))
 
     net = tb.network(name, size, **options)
-    tn.load_flax_params(net, variables)
+    tn.load_variables(net, model, variables)
     optimizer = tb.make_optimizer(net, lr=config.train.learning_rate)
     to_t = lambda a: torch.from_numpy(a)[None, None]
     loss = tb.train_step(net, optimizer, to_t(moving), to_t(fixed), mode="ofg", steps=2,
@@ -214,7 +172,7 @@ def test_transformer_ofg_training_step_matches_ofg_jax(name):
     assert float(loss) == pytest.approx(float(metrics["loss"]), rel=2e-4)
     assert torch_grad_norm == pytest.approx(float(metrics["grad_norm"]), rel=1e-3)
     if name == "vitvnet":  # training mode updated the running statistics alike
-        norm = net.decoder_4.conv_1.norm
+        norm = net.decoder.blocks[4].conv2[1]  # decoder_4.conv_1.norm in Flax
         stats = new_state.batch_stats["decoder_4"]["conv_1"]["norm"]
         np.testing.assert_allclose(norm.running_mean.numpy(), stats["mean"], rtol=1e-4,
                                    atol=1e-6)

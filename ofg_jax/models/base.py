@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.models.layers import Conv3D, flow_head_init
+from ofg_jax.models.resample import upsample_linear2
 
 # Name of the velocity field that diffeomorphic networks sow into the
 # "intermediates" collection: ``model.apply(..., mutable=["intermediates"])``.
@@ -87,6 +88,13 @@ class RegistrationNetwork(nn.Module):
         """
         return remat_if(self.remat, target, static_argnums)
 
+    def variable_shapes(self) -> Any:
+        """The shapes and dtypes of the variables of ``init`` (``jax.ShapeDtypeStruct``
+        leaves; ``params``, and ``batch_stats`` where the network has BatchNorm),
+        traced without computing anything."""
+        x = jax.ShapeDtypeStruct((1, *self.img_size, 2), jnp.float32)
+        return jax.eval_shape(lambda x: self.init(jax.random.PRNGKey(0), x), x)
+
     @property
     def compute_dtype(self) -> Any:
         return jnp.float32 if self.dtype is None else jnp.dtype(self.dtype)
@@ -99,14 +107,17 @@ class RegistrationNetwork(nn.Module):
                 f"{name} built for img_size {size} expects input (B, {size[0]}, "
                 f"{size[1]}, {size[2]}, C); got shape {x.shape}")
 
-    def flow(self, h: jax.Array) -> jax.Array:
+    def flow(self, h: jax.Array, upsample: bool = False) -> jax.Array:
         """The flow head on features ``h``: a 3x3x3 conv initialised ``N(0, 1e-5)``
         with zero bias (an untrained network predicts a near-zero field), then
-        float32 and, if ``diffeomorphic``, integrated. Call it from ``__call__``."""
+        float32, with ``upsample`` trilinearly upsampled x2 (its values unscaled)
+        and, if ``diffeomorphic``, integrated. Call it from ``__call__``."""
         kernel_init, bias_init = flow_head_init()
         flow = Conv3D(3, 3, 1, 1, kernel_init=kernel_init, bias_init=bias_init,
                       dtype=self.compute_dtype, impl=self.conv_impl, name="flow")(h)
         flow = flow.astype(jnp.float32)
+        if upsample:
+            flow = upsample_linear2(flow)
         if not self.diffeomorphic:
             return flow
         # Kept for the exact inverse (integrate -v) when "intermediates" is mutable;

@@ -300,6 +300,12 @@ class TransMorph(RegistrationNetwork):
     ``N(0, 1e-5)``. The defaults (window (5, 6, 7)) have 46,771,251 parameters at
     160x192x224; window (5, 6, 5) at 160x192x160 (LPBA) has 46,745,907.
 
+    With ``half_resolution_flow`` (the authors' OASIS TransMorph) the decoder
+    stops at half resolution: four blocks, the last to ``reg_head_chan``
+    channels on the pooled conv skip; there is no full-resolution conv skip, and
+    the flow head's output is upsampled x2 trilinearly without scaling its
+    values (46,556,115 parameters at 160x192x224).
+
     Attributes (besides those of ``RegistrationNetwork``):
       img_size: ``(D, H, W)``; each axis divisible by 32 (4^3 patches, then 3
         patch mergings). A stage grid (``img_size / 4 / 2**i``) that
@@ -309,8 +315,9 @@ class TransMorph(RegistrationNetwork):
 
     The other attributes (``embed_dim``, ``depths``, ``num_heads``,
     ``window_size``, ``mlp_ratio``, ``qkv_bias``, ``drop_rate``,
-    ``attn_drop_rate``, ``drop_path_rate``, ``reg_head_chan``) set the
-    architecture; the defaults are the published configuration.
+    ``attn_drop_rate``, ``drop_path_rate``, ``reg_head_chan``,
+    ``half_resolution_flow``) set the architecture; the defaults are the
+    published (IXI) configuration.
     """
 
     embed_dim: int = 96
@@ -323,6 +330,7 @@ class TransMorph(RegistrationNetwork):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.3
     reg_head_chan: int = 16
+    half_resolution_flow: bool = False
 
     def stage_sizes(self) -> list[tuple[int, int, int]]:
         """The token grid of each Swin stage."""
@@ -385,13 +393,16 @@ class TransMorph(RegistrationNetwork):
         conv_norm_act = self.stage(ConvNormAct)
         conv_skip_half = conv_norm_act(self.embed_dim // 2, dtype, self.conv_impl,
                                        name="c1")(avg_pool3_stride2(x))
-        conv_skip_full = conv_norm_act(self.reg_head_chan, dtype, self.conv_impl, name="c2")(x)
-        skips = [stage_outputs[2], stage_outputs[1], stage_outputs[0], conv_skip_half,
-                 conv_skip_full]
-        widths = [self.embed_dim * 4, self.embed_dim * 2, self.embed_dim,
-                  self.embed_dim // 2, self.reg_head_chan]
+        skips = [stage_outputs[2], stage_outputs[1], stage_outputs[0], conv_skip_half]
+        widths = [self.embed_dim * 4, self.embed_dim * 2, self.embed_dim, self.embed_dim // 2]
+        if self.half_resolution_flow:
+            widths[-1] = self.reg_head_chan
+        else:
+            skips.append(conv_norm_act(self.reg_head_chan, dtype, self.conv_impl,
+                                       name="c2")(x))
+            widths.append(self.reg_head_chan)
         h = stage_outputs[3]
         for i, (features, skip) in enumerate(zip(widths, skips)):
             h = DecoderBlock(features, dtype, self.conv_impl, self.remat, name=f"up{i}")(
                 h, skip)
-        return self.flow(h)
+        return self.flow(h, upsample=self.half_resolution_flow)
