@@ -1,16 +1,26 @@
-"""ofg_jax: On-the-Fly Guidance training for deformable image registration in JAX."""
+"""ofg_jax: On-the-Fly Guidance training for deformable image registration in JAX.
 
-from ofg_jax.affine import register_affine
-from ofg_jax.inverse import invert_displacement
-from ofg_jax.losses import ofg_loss
-from ofg_jax.metrics import dice_per_label, jacobian_determinant, non_positive_jacobian_pct
-from ofg_jax.ncc import ncc, ncc_to
-from ofg_jax.optim import scale_by_torch_adam, torch_adam
-from ofg_jax.optimize import optimize_displacement, optimize_velocity
-from ofg_jax.refine import refine, registration_energy
-from ofg_jax.regularizers import grad_loss
-from ofg_jax.schedules import poly_lr
-from ofg_jax.warp import sample, warp
+The primitives of ``__all__`` are imported from their submodules on first use
+(PEP 562), so that importing a command line (``ofg_jax.register``) does not
+import JAX before its flags and files are checked. ``ofg_jax.warp``,
+``ofg_jax.ncc`` and ``ofg_jax.refine`` are the functions, not the submodules of
+the same names.
+"""
+
+import importlib
+import sys
+import types
+
+# Public name -> the submodule that defines it.
+_SOURCES = {
+    "dice_per_label": "metrics", "grad_loss": "regularizers",
+    "invert_displacement": "inverse", "jacobian_determinant": "metrics",
+    "ncc": "ncc", "ncc_to": "ncc", "non_positive_jacobian_pct": "metrics",
+    "ofg_loss": "losses", "optimize_displacement": "optimize",
+    "optimize_velocity": "optimize", "poly_lr": "schedules", "refine": "refine",
+    "register_affine": "affine", "registration_energy": "refine", "sample": "warp",
+    "scale_by_torch_adam": "optim", "torch_adam": "optim", "warp": "warp",
+}
 
 __all__ = [
     "dice_per_label", "grad_loss", "invert_displacement", "jacobian_determinant", "ncc",
@@ -20,3 +30,35 @@ __all__ = [
     "torch_adam", "warp",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The public function ``name``, imported from its submodule on first use."""
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The names of the package, the primitives included."""
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: a submodule that shares its name with a public
+    function (``warp``, ``ncc``, ``refine``) does not replace that function.
+
+    Python binds each submodule to its package once it is imported; the package's
+    former eager imports then rebound the function, and this does the same.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if (isinstance(value, types.ModuleType) and _SOURCES.get(name) == name
+                and value.__name__ == f"{__name__}.{name}"):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

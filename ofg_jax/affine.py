@@ -24,8 +24,10 @@ import numpy as np
 import optax
 from scipy import ndimage
 
+from ofg_jax.ncc import masked_mean
 from ofg_jax.ncc import ncc
 from ofg_jax.resolution import block_mean
+from ofg_jax.volumes import check_mask
 from ofg_jax.warp import sample
 
 SIMILARITIES = ("ncc", "mse")
@@ -87,29 +89,36 @@ def _matrix(params, c_fixed, c_moving, radius):
     return matrix
 
 
-def _similarity_loss(fixed, warped, similarity, window):
+def _similarity_loss(fixed, warped, similarity, window, weights=None):
     if similarity == "ncc":
-        return -ncc(fixed, warped, window=window)
-    return jnp.mean((fixed - warped) ** 2)
+        return -ncc(fixed, warped, window=window, weights=weights)
+    return masked_mean((fixed - warped) ** 2, weights)
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "similarity", "window"))
 def _optimise_level(params, fixed, moving, fixed_rel, moving_from_world,
-                    c_moving_voxel, radius, learning_rate, *, steps, similarity,
-                    window):
+                    c_moving_voxel, radius, learning_rate, fixed_mask=None,
+                    moving_mask=None, *, steps, similarity, window):
     """``steps`` Adam updates of the 12 parameters on one pyramid level.
 
     ``fixed_rel`` ``(*S, 3)`` holds the fixed voxels' world points minus the fixed
     centre of mass (float32 keeps mm precision near the object);
     ``moving_from_world`` the linear part of moving world -> moving voxel and
-    ``c_moving_voxel`` the moving centre of mass in moving voxels.
+    ``c_moving_voxel`` the moving centre of mass in moving voxels. The optional
+    masks (on this level's fixed and moving grids) weight the similarity; the
+    moving mask is sampled through the current matrix, not differentiated.
     """
 
     def loss(p):
         linear = jnp.eye(3) + p[:9].reshape(3, 3) / radius
         world_rel = fixed_rel @ linear.T + p[9:]  # minus the moving centre of mass
         coords = world_rel @ moving_from_world.T + c_moving_voxel
-        return _similarity_loss(fixed, sample(moving, coords), similarity, window)
+        weights = fixed_mask
+        if moving_mask is not None:
+            on_fixed = sample(moving_mask, jax.lax.stop_gradient(coords))
+            weights = on_fixed if weights is None else weights * on_fixed
+        return _similarity_loss(fixed, sample(moving, coords), similarity, window,
+                                weights)
 
     schedule = optax.cosine_decay_schedule(learning_rate, steps, alpha=0.1)
     opt = optax.adam(schedule)
@@ -128,9 +137,17 @@ def register_affine(moving: np.ndarray, fixed: np.ndarray, *,
                     fixed_affine: Optional[np.ndarray] = None,
                     similarity: str = "ncc", levels: Sequence[float] = (8.0, 4.0),
                     steps: Sequence[int] = (100, 40), learning_rate: float = 2.0,
-                    window: int = 7, initial: Optional[np.ndarray] = None
-                    ) -> np.ndarray:
+                    window: int = 7, initial: Optional[np.ndarray] = None,
+                    fixed_mask: Optional[np.ndarray] = None,
+                    moving_mask: Optional[np.ndarray] = None) -> np.ndarray:
     """A 12-parameter affine registration: the world -> world matrix fixed -> moving.
+
+    Cost-function masks weight the similarity (as ANTs' ``-x``): it becomes the
+    weighted mean ``sum(w * c) / sum(w)`` of the per-voxel local NCC (or squared
+    error) over ``w = fixed_mask * moving_mask∘M``, the moving mask sampled
+    through the current matrix (linear, 0 outside; not differentiated), the
+    masks average-pooled with the images at each level. The starting
+    translation (the centres of mass) uses the whole images.
 
     Args:
       moving, fixed: ``(X, Y, Z)`` images, each on its own grid.
@@ -148,6 +165,9 @@ def register_affine(moving: np.ndarray, fixed: np.ndarray, *,
       window: NCC window (voxels of each level).
       initial: ``(4, 4)`` starting matrix; None = the translation that aligns the
         centres of mass.
+      fixed_mask: None, or ``(X, Y, Z)`` weights in ``[0, 1]`` on the fixed grid
+        (binary or soft; the similarity counts where > 0).
+      moving_mask: None, or weights in ``[0, 1]`` on the moving grid.
 
     Returns:
       ``(4, 4)`` float64 matrix ``M``: the fixed image's world point ``p``
@@ -157,8 +177,9 @@ def register_affine(moving: np.ndarray, fixed: np.ndarray, *,
       matrix=M)``).
 
     Raises:
-      ValueError: not 3D images, a constant image, an unknown similarity, or
-        ``levels`` and ``steps`` of different lengths.
+      ValueError: not 3D images, a constant image, an unknown similarity,
+        ``levels`` and ``steps`` of different lengths, or a mask off its image's
+        shape, with values outside ``[0, 1]`` or all 0.
     """
     moving = np.asarray(moving, np.float32)
     fixed = np.asarray(fixed, np.float32)
@@ -167,6 +188,11 @@ def register_affine(moving: np.ndarray, fixed: np.ndarray, *,
             raise ValueError(f"{name} must be a 3D volume, got shape {image.shape}")
         if not np.all(np.isfinite(image)):
             raise ValueError(f"{name} has non-finite (NaN or inf) voxels")
+    masks = {}
+    for name, mask, image in (("fixed_mask", fixed_mask, fixed),
+                              ("moving_mask", moving_mask, moving)):
+        if mask is not None:
+            masks[name] = check_mask(mask, name, image.shape)
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     if len(levels) != len(steps) or not levels:
@@ -189,22 +215,26 @@ def register_affine(moving: np.ndarray, fixed: np.ndarray, *,
     fixed_spacing = np.linalg.norm(fixed_affine[:3, :3], axis=0).min()
     moving_spacing = np.linalg.norm(moving_affine[:3, :3], axis=0).min()
     for level_mm, count in zip(levels, steps):
-        fixed_l, fixed_affine_l = pool(fixed, fixed_affine,
-                                       max(1, int(round(level_mm / fixed_spacing))))
-        moving_l, moving_affine_l = pool(
-            moving, moving_affine, max(1, int(round(level_mm / moving_spacing))))
+        fixed_factor = max(1, int(round(level_mm / fixed_spacing)))
+        moving_factor = max(1, int(round(level_mm / moving_spacing)))
+        fixed_l, fixed_affine_l = pool(fixed, fixed_affine, fixed_factor)
+        moving_l, moving_affine_l = pool(moving, moving_affine, moving_factor)
         axes = [np.arange(n, dtype=np.float64) for n in fixed_l.shape]
         voxels = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
         fixed_rel = voxels @ fixed_affine_l[:3, :3].T + (fixed_affine_l[:3, 3] - c_fixed)
         to_voxel = np.linalg.inv(moving_affine_l)
         c_moving_voxel = to_voxel[:3, :3] @ c_moving + to_voxel[:3, 3]
         rate = learning_rate * level_mm / levels[0]
+        masks_l = [None if name not in masks else jnp.asarray(pool(
+            masks[name], affine_l, factor)[0]) for name, affine_l, factor in (
+                ("fixed_mask", fixed_affine, fixed_factor),
+                ("moving_mask", moving_affine, moving_factor))]
         params, _ = _optimise_level(
             params, jnp.asarray(fixed_l), jnp.asarray(moving_l),
             jnp.asarray(fixed_rel, jnp.float32),
             jnp.asarray(to_voxel[:3, :3], jnp.float32),
             jnp.asarray(c_moving_voxel, jnp.float32), jnp.float32(radius),
-            jnp.float32(rate), steps=int(count), similarity=similarity,
+            jnp.float32(rate), *masks_l, steps=int(count), similarity=similarity,
             window=int(window))
     return _matrix(params, c_fixed, c_moving, radius)
 

@@ -16,19 +16,19 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from absl import flags
 import ml_collections
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-from ofg_jax import data as data_lib
-from ofg_jax import models
-from ofg_jax.losses import MODES
-from ofg_jax.losses import Intensity
-from ofg_jax.refine import SIMILARITIES
-from ofg_jax.refiner import RefineSettings
+from ofg_jax.options import SIMILARITIES
+
+# The networks, datasets and losses (JAX) are imported by the functions that need
+# them: a command line imports this module (ConfigError) before it imports JAX.
+if TYPE_CHECKING:
+    from ofg_jax import models
 
 # The configs shipped with the package (``ofg_jax/configs`` is the repository's
 # ``configs/`` folder).
@@ -201,6 +201,7 @@ def fill_model_options(config: ml_collections.ConfigDict, drop_others: bool = Fa
     another network, when the command line switches networks) are removed. An
     unknown ``model.name`` is left for :func:`validate` to report.
     """
+    from ofg_jax import models  # pylint: disable=g-import-not-at-top
     try:
         options = models.options(config.model.name)
     except ValueError:
@@ -271,6 +272,22 @@ def from_json(path: str) -> ml_collections.ConfigDict:
     content = read_record(path)
     content.pop(HISTORY, None)
     return ml_collections.ConfigDict(_tuples(content))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The training config saved in ``workdir/config.json``.
+
+    Raises:
+      FileNotFoundError: naming the missing workdir or file.
+    """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} not found")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: {workdir} is not a training workdir "
+            "(python -m ofg_jax.main --workdir=... writes config.json)")
+    return from_json(path)
 
 
 def read_record(path: str) -> dict[str, Any]:
@@ -369,12 +386,13 @@ def model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def build_model(config: ml_collections.ConfigDict,
-                img_size: Sequence[int]) -> models.RegistrationNetwork:
+                img_size: Sequence[int]) -> "models.RegistrationNetwork":
     """``models.create(model.name, img_size, **model_options(config))``.
 
     Raises:
       ConfigError: the network's options cannot take the grid (named constraint).
     """
+    from ofg_jax import models  # pylint: disable=g-import-not-at-top
     try:
         return models.create(config.model.name, img_size, **model_options(config))
     except ValueError as e:
@@ -406,6 +424,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
+    # pylint: disable=g-import-not-at-top
+    from ofg_jax import data as data_lib
+    from ofg_jax import models
+    from ofg_jax.losses import MODES
+    from ofg_jax.losses import Intensity
+    from ofg_jax.refiner import RefineSettings
     train = config.train
 
     def check(ok, key, value, expected):

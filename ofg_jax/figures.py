@@ -18,10 +18,10 @@ import csv
 import os
 from typing import Any, Optional, Sequence
 
-from matplotlib import colors
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import numpy as np
+
+# matplotlib is imported by the first figure (_canvas, plot_jacobian): a
+# registration that draws none does not import it.
 
 PLANE_NAMES = ("axis 0", "axis 1", "axis 2")
 FIXED_COLOR = (0.0, 0.9, 0.2, 1.0)
@@ -38,10 +38,19 @@ def central_slice(volume: np.ndarray, axis: int) -> np.ndarray:
     return np.take(volume, volume.shape[axis] // 2, axis=axis)
 
 
+def _canvas(figsize: tuple[float, float]):
+    """An empty Agg figure of ``figsize`` inches, its layout constrained."""
+    # pylint: disable=g-import-not-at-top
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _figure(rows: int, cols: int, title: str):
     """An Agg figure with a ``(rows, cols)`` array of axes."""
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _canvas((3.2 * cols, 3.2 * rows))
     axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
     if title:
         fig.suptitle(title)
@@ -114,6 +123,7 @@ def plot_grid(path: str, warped: np.ndarray, disp: np.ndarray,
 
 def plot_jacobian(path: str, jacobian: np.ndarray, title: str = "") -> str:
     """The Jacobian determinant in the three central planes, centred at 1."""
+    from matplotlib import colors  # pylint: disable=g-import-not-at-top
     jacobian = np.asarray(jacobian)
     norm = colors.TwoSlopeNorm(vmin=min(float(jacobian.min()), 0.0), vcenter=1.0,
                                vmax=max(float(jacobian.max()), 2.0))
@@ -227,8 +237,7 @@ def plot_dice_per_structure(path: str, dice: dict[Any, Sequence[float]],
       dice: ``{label: [Dice of each pair]}``, in the order to draw.
       title: above the plot.
     """
-    fig = Figure(figsize=(max(6.0, 0.3 * len(dice) + 2.0), 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _canvas((max(6.0, 0.3 * len(dice) + 2.0), 4.0))
     ax = fig.subplots()
     ax.boxplot([np.asarray(values, np.float64) for values in dice.values()],
                showfliers=True)

@@ -11,15 +11,13 @@ segmentations, Dice. Volumes of any geometry: ``ofg_jax.registration``.
 
 import functools
 import time
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ofg_jax.compile_time import compile_ahead
-from ofg_jax.inference import Trained
-from ofg_jax.inference import predict_jit
 from ofg_jax.metrics import dice_per_label
 from ofg_jax.metrics import jacobian_determinant
 from ofg_jax.models.base import VELOCITY
@@ -31,14 +29,23 @@ from ofg_jax.optimize import optimize_velocity
 from ofg_jax.refine import registration_energy
 from ofg_jax.refiner import RefineSettings
 from ofg_jax.refiner import make_refiner
+from ofg_jax.volumes import check_mask
 from ofg_jax.warp import warp
+
+# The trained network's side (inference: orbax) is imported by register_arrays:
+# optimisation alone does not import it.
+if TYPE_CHECKING:
+    from ofg_jax.inference import Trained
 
 
 @functools.partial(jax.jit, static_argnames=("similarity", "window"))
-def _field_outputs(moving, fixed, disp, reg_weight, similarity, window=9):
+def _field_outputs(moving, fixed, disp, reg_weight, similarity, window=9,
+                   fixed_mask=None, moving_mask=None):
     return {"warped": warp(moving, disp), "jacobian": jacobian_determinant(disp),
             "energy": registration_energy(moving, fixed, disp, reg_weight=reg_weight,
-                                          similarity=similarity, window=window)}
+                                          similarity=similarity, window=window,
+                                          fixed_mask=fixed_mask,
+                                          moving_mask=moving_mask)}
 
 
 _warp_labels = jax.jit(functools.partial(warp, order=0))
@@ -57,7 +64,7 @@ def _predict_velocity(model, variables, moving, fixed):
     return disp[0], state["intermediates"][VELOCITY][0][0]
 
 
-def register_arrays(trained: Trained, moving: np.ndarray, fixed: np.ndarray,
+def register_arrays(trained: "Trained", moving: np.ndarray, fixed: np.ndarray,
                     moving_seg: Optional[np.ndarray] = None,
                     fixed_seg: Optional[np.ndarray] = None, *,
                     refine_steps: int = 0,
@@ -92,6 +99,7 @@ def register_arrays(trained: Trained, moving: np.ndarray, fixed: np.ndarray,
       ValueError: an array not on the network's grid, no label to score, or
         refinement of a run trained with ``ofg.design`` other than "instance".
     """
+    from ofg_jax.inference import predict_jit  # pylint: disable=g-import-not-at-top
     grid = trained.full_size
     _check_shapes(grid, "the network's grid", moving=moving, fixed=fixed,
                   moving_seg=moving_seg, fixed_seg=fixed_seg)
@@ -166,11 +174,12 @@ def dice_scores(warped_seg: np.ndarray, fixed_seg: np.ndarray,
 # Optimisation alone.
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def _optimize(moving, fixed, settings):
-    """The field of ``settings`` and its outputs (the energy with its weight and
-    window), and the energy of the identity."""
+def _optimize(moving, fixed, fixed_mask, moving_mask, settings):
+    """The field of ``settings`` and its outputs (the energy with its weight,
+    window and masks), and the energy of the identity."""
     options = settings.options()
     diffeomorphic = options.pop("diffeomorphic")
+    options.update(fixed_mask=fixed_mask, moving_mask=moving_mask)
     outputs = {}
     if diffeomorphic:
         outputs["velocity"] = optimize_velocity(moving, fixed, **options)
@@ -179,7 +188,8 @@ def _optimize(moving, fixed, settings):
         disp = optimize_displacement(moving, fixed, **options)
     energy = functools.partial(_field_outputs, moving, fixed,
                                reg_weight=settings.reg_weight,
-                               similarity=settings.similarity, window=settings.window)
+                               similarity=settings.similarity, window=settings.window,
+                               fixed_mask=fixed_mask, moving_mask=moving_mask)
     return {"disp": disp, **outputs, **energy(disp),
             "initial_energy": energy(jnp.zeros_like(disp))["energy"]}
 
@@ -187,7 +197,9 @@ def _optimize(moving, fixed, settings):
 def optimize_arrays(settings: OptimizeSettings, moving: np.ndarray, fixed: np.ndarray,
                     moving_seg: Optional[np.ndarray] = None,
                     fixed_seg: Optional[np.ndarray] = None, *,
-                    labels: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                    labels: Optional[Sequence[int]] = None,
+                    fixed_mask: Optional[np.ndarray] = None,
+                    moving_mask: Optional[np.ndarray] = None) -> dict[str, Any]:
     """Registers ``moving`` to ``fixed`` (one grid) by optimisation alone.
 
     ``ofg_jax.optimize.optimize_displacement`` with ``settings``, compiled ahead
@@ -200,6 +212,10 @@ def optimize_arrays(settings: OptimizeSettings, moving: np.ndarray, fixed: np.nd
       moving_seg, fixed_seg: optional integer label maps on that grid.
       labels: labels whose Dice is averaged; None = those present in
         ``fixed_seg``, 0 excluded.
+      fixed_mask, moving_mask: optional ``(*S)`` cost-function masks on that
+        grid, weights in ``[0, 1]`` (binary or soft), each somewhere > 0: the
+        data term counts where ``fixed_mask * moving_mask∘disp > 0``
+        (``optimize_displacement``); the energies reported are the masked ones.
 
     Returns:
       The keys of :func:`register_arrays`, with ``initial_energy`` (of the zero
@@ -208,16 +224,20 @@ def optimize_arrays(settings: OptimizeSettings, moving: np.ndarray, fixed: np.nd
       obtained), ``optimize_seconds`` (the compiled program's run).
 
     Raises:
-      ValueError: arrays of different shapes, or invalid settings (named).
+      ValueError: arrays of different shapes, invalid settings (named), or a
+        mask with values outside ``[0, 1]`` or all 0.
     """
     check_options(**settings.options())
     _check_shapes(np.shape(fixed), "the fixed image's", moving=moving,
-                  moving_seg=moving_seg, fixed_seg=fixed_seg)
+                  moving_seg=moving_seg, fixed_seg=fixed_seg, fixed_mask=fixed_mask,
+                  moving_mask=moving_mask)
+    masks = [None if mask is None else jnp.asarray(check_mask(mask, name))
+             for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask))]
     moving = jnp.asarray(moving, jnp.float32)
     fixed = jnp.asarray(fixed, jnp.float32)
-    program, clock = compile_ahead(_optimize, moving, fixed, settings=settings)
+    program, clock = compile_ahead(_optimize, moving, fixed, *masks, settings=settings)
     start = time.perf_counter()
-    result = jax.device_get(jax.block_until_ready(program(moving, fixed)))
+    result = jax.device_get(jax.block_until_ready(program(moving, fixed, *masks)))
     result.update(compile_seconds=clock.wall_seconds, compilation=clock.how_compiled(),
                   optimize_seconds=time.perf_counter() - start)
     return _scores(result, moving_seg, fixed_seg, labels)

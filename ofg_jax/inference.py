@@ -23,6 +23,7 @@ from ofg_jax import data as data_lib
 from ofg_jax import geometry
 from ofg_jax import models
 from ofg_jax import nifti
+from ofg_jax.config import read_config
 from ofg_jax.refiner import RefineSettings
 from ofg_jax.refiner import make_refiner
 from ofg_jax.resolution import block_mean
@@ -142,22 +143,6 @@ def _header_source(config: ml_collections.ConfigDict) -> str:
         return os.path.join(dataset.root, dataset.train_keys[0])
     raise ValueError(f"{missing}, and the {config.data.name} data has no headers to "
                      "read them from; set them in the config")
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-    """The training config saved in ``workdir/config.json``.
-
-    Raises:
-      FileNotFoundError: naming the missing workdir or file.
-    """
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"workdir {workdir} not found")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: {workdir} is not a training workdir "
-            "(python -m ofg_jax.main --workdir=... writes config.json)")
-    return config_lib.from_json(path)
 
 
 def model_grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:

@@ -1,6 +1,6 @@
 """Local normalised cross-correlation (VoxelMorph's windowed NCC)."""
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -102,9 +102,40 @@ def _cc_of_sums(a_stats, sums, window, eps):
     return cross * cross / (var_a * var_b + eps)
 
 
+def masked_mean(values: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+    """``mean(values)``, or with ``weights`` their weighted mean ``sum(w * v) / sum(w)``.
+
+    The data terms' mean over a cost-function mask: voxels of weight 0 do not
+    count, soft weights count in part. All weights 0 gives 0 (the sum is
+    floored at ``1e-12``).
+
+    Args:
+      values: ``(*S)`` per-voxel values.
+      weights: None, or ``(*S)`` weights ``>= 0`` (a mask: 0 / 1, or in between).
+
+    Returns:
+      Scalar.
+    """
+    if weights is None:
+        return jnp.mean(values)
+    return jnp.sum(weights * values) / _total(weights)
+
+
+def _total(weights):
+    """``sum(weights)``, floored so that an empty mask divides 0 by a positive number."""
+    return jnp.maximum(jnp.sum(weights), 1e-12)
+
+
+def _check_weights(shape, weights):
+    if weights is not None and tuple(jnp.shape(weights)) != tuple(shape):
+        raise ValueError(f"weights of shape {tuple(jnp.shape(weights))} do not match "
+                         f"images of shape {tuple(shape)}")
+
+
 def ncc_to(fixed: jax.Array, *, window: int = 9,
-           eps: float = 1e-5) -> Callable[[jax.Array], jax.Array]:
-    """``b -> ncc(fixed, b)``, with the window sums of ``fixed`` computed once.
+           eps: float = 1e-5) -> Callable[..., jax.Array]:
+    """``(b, weights=None) -> ncc(fixed, b, weights=weights)``, with the window sums
+    of ``fixed`` computed once.
 
     For optimisation loops where ``fixed`` stays the same: each call then box-sums
     three maps instead of five, forward and backward.
@@ -114,60 +145,83 @@ def ncc_to(fixed: jax.Array, *, window: int = 9,
       window, eps: as :func:`ncc`.
 
     Returns:
-      A function of a ``(*S)`` image returning the scalar similarity.
+      A function of a ``(*S)`` image (and optional ``(*S)`` weights, as
+      :func:`ncc`) returning the scalar similarity.
     """
     stats = _fixed_window_stats(fixed, window)
 
-    def similarity(b):
+    def similarity(b, weights=None):
         check_same_spatial(fixed.shape, b.shape, "ncc inputs fixed, b")
-        return jnp.mean(_cc_map(stats, b, window, eps))
+        _check_weights(fixed.shape, weights)
+        return masked_mean(_cc_map(stats, b, window, eps), weights)
 
     return similarity
 
 
 def ncc_gradient_to(fixed: jax.Array, *, window: int = 9,
-                    eps: float = 1e-5) -> Callable[[jax.Array], jax.Array]:
-    """``b -> grad_b ncc(fixed, b)``, written out, with ``fixed``'s window sums computed once.
+                    eps: float = 1e-5) -> Callable[..., jax.Array]:
+    """``(b, weights=None) -> grad_b ncc(fixed, b, weights=weights)``, written out,
+    with ``fixed``'s window sums computed once.
 
     ``jax.grad(ncc_to(fixed))`` up to float32 rounding, in fewer passes over
     memory: the derivative of the map in the window sums ``(B, B2, AB)`` of ``b``
     is box-summed once (a box sum is its own transpose), then
-    ``grad = S_B + 2 b S_B2 + fixed S_AB``. For loops that take the gradient
-    many times (``ofg_jax.refine``).
+    ``grad = S_B + 2 b S_B2 + fixed S_AB``. With ``weights`` (held constant) the
+    per-voxel coefficients are those of ``sum(w * cc) / sum(w)``: each voxel's
+    derivative of ``cc`` times ``w / sum(w)``, before the box sums' adjoint;
+    without, exactly the unweighted computation. For loops that take the
+    gradient many times (``ofg_jax.refine``).
 
     Args:
       fixed: ``(*S)`` image, 2D or 3D.
       window, eps: as :func:`ncc`.
 
     Returns:
-      A function of a ``(*S)`` image returning the ``(*S)`` gradient of the
-      similarity in it.
+      A function of a ``(*S)`` image (and optional ``(*S)`` weights, as
+      :func:`ncc`) returning the ``(*S)`` gradient of the similarity in the image.
     """
     stats = _fixed_window_stats(fixed, window)
 
-    def gradient(b):
+    def gradient(b, weights=None):
         check_same_spatial(fixed.shape, b.shape, "ncc inputs fixed, b")
-        _, of_sums = jax.vjp(lambda sums: jnp.mean(_cc_of_sums(stats, sums, window, eps)),
-                             _b_sums(fixed, b, window))
-        spread = _box_sum_planar(of_sums(jnp.ones((), b.dtype))[0], window)
+        _check_weights(fixed.shape, weights)
+        sums = _b_sums(fixed, b, window)
+        if weights is None:
+            _, of_sums = jax.vjp(
+                lambda sums: jnp.mean(_cc_of_sums(stats, sums, window, eps)), sums)
+            coefficients = of_sums(jnp.ones((), b.dtype))[0]
+        else:
+            _, of_sums = jax.vjp(lambda sums: _cc_of_sums(stats, sums, window, eps),
+                                 sums)
+            coefficients = of_sums((weights / _total(weights)).astype(b.dtype))[0]
+        spread = _box_sum_planar(coefficients, window)
         return spread[0] + 2 * b * spread[1] + fixed * spread[2]
 
     return gradient
 
 
-def ncc(a: jax.Array, b: jax.Array, *, window: int = 9, eps: float = 1e-5) -> jax.Array:
+def ncc(a: jax.Array, b: jax.Array, *, window: int = 9, eps: float = 1e-5,
+        weights: Optional[jax.Array] = None) -> jax.Array:
     """VoxelMorph's local NCC similarity: the mean of :func:`local_ncc_map`.
 
     Higher is more similar (at most ~1); the registration loss is ``-ncc(a, b)``.
     Symmetric in ``a`` and ``b``. For multi-channel images, ``jax.vmap`` over the
     channel axis.
 
+    With ``weights`` (a cost-function mask) the similarity is the weighted mean
+    ``sum(w * cc) / sum(w)`` of the map (:func:`masked_mean`): voxels of weight 0
+    do not count. The window statistics of a counted voxel still include its
+    whole window, so a masked-out region reaches half a window beyond its edge
+    (dilate the mask by ``window // 2`` voxels to keep it out entirely).
+
     Args:
       a, b: ``(*S)`` images, 2D or 3D, same shape.
       window: odd window width per axis, in voxels (9 in the reference).
       eps: added to the denominator (1e-5 in the reference).
+      weights: None, or ``(*S)`` weights in ``[0, 1]`` (binary or soft).
 
     Returns:
       Scalar similarity.
     """
-    return jnp.mean(local_ncc_map(a, b, window=window, eps=eps))
+    _check_weights(a.shape, weights)
+    return masked_mean(local_ncc_map(a, b, window=window, eps=eps), weights)

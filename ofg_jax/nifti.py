@@ -13,6 +13,9 @@ import numpy as np
 
 from ofg_jax.volumes import as_image, as_labels, volume_shape
 
+# Largest difference of two affines still taken as the same grid (mm).
+AFFINE_TOLERANCE = 1e-3
+
 
 def load(path: str, what: str = "NIfTI file") -> nib.spatialimages.SpatialImage:
     """The nibabel image of ``path`` (header read, voxels not yet)."""

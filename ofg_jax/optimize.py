@@ -15,9 +15,8 @@ the library's, chosen from measurements on 2 mm brain pairs that are not the
 reported ones (``python -m experiments.optimize_vs_syn --tune``).
 """
 
-import dataclasses
 import functools
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,91 +24,22 @@ import optax
 
 from ofg_jax._shapes import check_same_spatial
 from ofg_jax.models.integrate import integrate_velocity
-from ofg_jax.refine import OPTIMIZERS
-from ofg_jax.refine import SIMILARITIES
-from ofg_jax.refine import _data_term
+from ofg_jax.options import OptimizeSettings
+from ofg_jax.options import check_options
+from ofg_jax.options import per_level
+from ofg_jax.refine import _check_masks
+from ofg_jax.refine import _inner_energy_fn
 from ofg_jax.refine import _minimise
 from ofg_jax.refine import _optimizer
 from ofg_jax.refine import refine
 from ofg_jax.regularizers import grad_loss
 from ofg_jax.resolution import block_mean
 from ofg_jax.resolution import upsample_displacement
-from ofg_jax.warp import warp
 
 Optimizer = Union[str, optax.GradientTransformation]
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizeSettings:
-    """The options of :func:`optimize_displacement`; the defaults are the library's.
-
-    Attributes:
-      levels: pyramid factors, coarse to fine, each a multiple of the next
-        (``(4, 2, 1)``: quarter, half and full resolution; a last factor above
-        1 leaves the full resolution to the upsampled field).
-      steps: optimiser updates at each level.
-      learning_rate: step size of the named optimiser, in voxels of each level.
-      reg_weight: weight of the Grad smoothness term.
-      similarity: ``"ncc"`` (local NCC, any contrast) or ``"mse"``.
-      window: NCC window width, in voxels of each level.
-      optimizer: ``"adam"``, ``"amsgrad"`` (PyTorch semantics) or ``"sgd"``.
-      diffeomorphic: optimise a stationary velocity field (no folding).
-      int_steps: squarings of the velocity's integration.
-    """
-    levels: tuple[int, ...] = (4, 2, 1)
-    steps: tuple[int, ...] = (100, 50, 20)
-    learning_rate: float = 0.2
-    reg_weight: float = 2.0
-    similarity: str = "ncc"
-    window: int = 5
-    optimizer: str = "adam"
-    diffeomorphic: bool = False
-    int_steps: int = 7
-
-    def options(self) -> dict:
-        """The keyword options of :func:`optimize_displacement`."""
-        return dataclasses.asdict(self)
-
-    def describe(self) -> str:
-        """One line: ``levels 4,2,1 x steps 100,50,10, adam at 0.1, ...``."""
-        join = lambda values: ",".join(map(str, values))
-        mode = ("diffeomorphic (velocity, "
-                f"{self.int_steps} squarings)" if self.diffeomorphic else "displacement")
-        return (f"levels {join(self.levels)} x steps {join(self.steps)}, "
-                f"{self.optimizer} at {self.learning_rate:g}, -{self.similarity} "
-                f"(window {self.window}) + {self.reg_weight:g} Grad, {mode}")
-
-
 _DEFAULTS = OptimizeSettings()
-
-
-def check_options(*, levels: Sequence[int], steps: Sequence[int], learning_rate,
-                  reg_weight, similarity: str, window: int, optimizer: Optimizer,
-                  int_steps: int, **_) -> None:
-    """Raises ``ValueError`` naming the first invalid option of
-    :func:`optimize_displacement` (Python values; traced scalars are not checked)."""
-    levels, steps = tuple(levels), tuple(steps)
-    if not levels or len(levels) != len(steps):
-        raise ValueError(f"levels {levels} and steps {steps} must be non-empty and of "
-                         "the same length")
-    if not all(isinstance(f, int) and f >= 1 for f in levels) or any(
-            coarse <= fine or coarse % fine for coarse, fine in zip(levels, levels[1:])):
-        raise ValueError(f"levels must be positive integers, coarse to fine, each a "
-                         f"multiple of the next (e.g. (4, 2, 1)), got {levels}")
-    if not all(isinstance(n, int) and n >= 0 for n in steps):
-        raise ValueError(f"steps must be integers >= 0, got {steps}")
-    for name, value in (("learning_rate", learning_rate), ("reg_weight", reg_weight)):
-        if isinstance(value, (int, float)) and not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if not (isinstance(window, int) and window >= 1 and window % 2):
-        raise ValueError(f"window must be a positive odd integer, got {window!r}")
-    if not (isinstance(optimizer, optax.GradientTransformation) or optimizer in OPTIMIZERS):
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an "
-                         f"optax.GradientTransformation, got {optimizer!r}")
-    if not (isinstance(int_steps, int) and int_steps >= 0):
-        raise ValueError(f"int_steps must be an integer >= 0, got {int_steps!r}")
 
 
 def _transformation(optimizer: Optimizer, learning_rate) -> optax.GradientTransformation:
@@ -120,10 +50,11 @@ def _transformation(optimizer: Optimizer, learning_rate) -> optax.GradientTransf
     return _optimizer(optimizer, learning_rate, default_lr=learning_rate)
 
 
-def _pyramid(image: jax.Array, levels: Sequence[int]) -> list[jax.Array]:
+def _pyramid(image: jax.Array, levels: Sequence[int], multiple: int) -> list[jax.Array]:
     """The image at each level: block means of the image edge-padded to a multiple
-    of the coarsest factor (factor 1: the image itself)."""
-    padded = _pad_to_multiple(image, levels[0])
+    of ``multiple`` (a multiple of the coarsest factor; factor 1: the image
+    itself)."""
+    padded = _pad_to_multiple(image, multiple)
     return [image if f == 1 else block_mean(padded, f, spatial_dims=image.ndim)
             for f in levels]
 
@@ -140,21 +71,33 @@ def _to_finer(field: jax.Array, ratio: int, shape: Sequence[int]) -> jax.Array:
     return field[tuple(slice(0, n) for n in shape)]
 
 
-def _coarse_to_fine(moving, fixed, levels, steps, optimize_level) -> jax.Array:
-    """Runs ``optimize_level(moving_l, fixed_l, start, count)`` at each level and
-    returns the last field at full resolution."""
+def _coarse_to_fine(moving, fixed, levels, steps, optimize_level, fixed_mask=None,
+                    moving_mask=None, field_factors: Optional[Sequence[int]] = None
+                    ) -> jax.Array:
+    """Runs ``optimize_level(moving_l, fixed_l, start, count, fixed_mask_l,
+    moving_mask_l, field_factor_l)`` at each level (the masks' block means, or
+    None) and returns the last field at full resolution. The field of level
+    ``l`` lives on a grid ``field_factors[l]`` (default 1) times coarser than the
+    level's images (which are edge-padded to a multiple of the coarsest field
+    grid's factor)."""
     check_same_spatial(moving.shape, fixed.shape, "moving, fixed")
+    _check_masks(fixed.shape, fixed_mask, moving_mask)
     shape = fixed.shape
-    padded_shape = tuple(-(-n // levels[0]) * levels[0] for n in shape)
-    level_shape = lambda f: shape if f == 1 else tuple(n // f for n in padded_shape)
-    field = jnp.zeros(level_shape(levels[0]) + (len(shape),), jnp.float32)
-    pyramids = zip(levels, steps, _pyramid(moving, levels), _pyramid(fixed, levels))
-    for k, (factor, count, moving_l, fixed_l) in enumerate(pyramids):
+    field_factors = tuple(field_factors or (1,) * len(levels))
+    grids = [level * factor for level, factor in zip(levels, field_factors)]
+    padded_shape = tuple(-(-n // grids[0]) * grids[0] for n in shape)
+    grid = lambda f: shape if f == 1 else tuple(n // f for n in padded_shape)
+    field = jnp.zeros(grid(grids[0]) + (len(shape),), jnp.float32)
+    pyramid = lambda image: _pyramid(image, levels, grids[0])
+    masks = [[None] * len(levels) if mask is None else pyramid(mask)
+             for mask in (fixed_mask, moving_mask)]
+    pyramids = zip(steps, field_factors, pyramid(moving), pyramid(fixed), *masks)
+    for k, (count, field_factor, moving_l, fixed_l, *masks_l) in enumerate(pyramids):
         if k:
-            field = _to_finer(field, levels[k - 1] // factor, level_shape(factor))
+            field = _to_finer(field, grids[k - 1] // grids[k], grid(grids[k]))
         if count:
-            field = optimize_level(moving_l, fixed_l, field, count)
-    return _to_finer(field, levels[-1], shape)
+            field = optimize_level(moving_l, fixed_l, field, count, *masks_l, field_factor)
+    return _to_finer(field, grids[-1], shape)
 
 
 def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
@@ -166,7 +109,10 @@ def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
                           window: int = _DEFAULTS.window,
                           optimizer: Optimizer = _DEFAULTS.optimizer,
                           diffeomorphic: bool = _DEFAULTS.diffeomorphic,
-                          int_steps: int = _DEFAULTS.int_steps) -> jax.Array:
+                          int_steps: int = _DEFAULTS.int_steps,
+                          velocity_factor=_DEFAULTS.velocity_factor,
+                          fixed_mask: Optional[jax.Array] = None,
+                          moving_mask: Optional[jax.Array] = None) -> jax.Array:
     """Registers ``moving`` to ``fixed`` by coarse-to-fine optimisation alone.
 
     At each level ``f`` of ``levels`` (coarse to fine) both images are replaced by
@@ -178,6 +124,17 @@ def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
     (``ofg_jax.resolution.upsample_displacement``) at the others. With
     ``diffeomorphic`` the variable is a velocity field ``v`` and the energy is
     that of ``exp(v)`` with Grad on ``v`` (:func:`optimize_velocity`).
+
+    Cost-function masks (ANTs' ``-x [fixedMask,movingMask]``) weight the data
+    term of every level (their block means at coarse levels): it is the
+    weighted mean ``sum(w * c) / sum(w)`` of the per-voxel local NCC ``cc`` (or
+    squared error) over ``w = fixed_mask * moving_mask∘disp``, the moving mask
+    warped by the current field (linear, 0 outside; not differentiated), so a
+    lesion, a cut field of view or a skull-stripping error masked in either
+    image pulls on nothing; Grad stays over the whole field, which is therefore
+    interpolated smoothly under the masked region. A counted voxel's NCC window
+    still sees ``window // 2`` voxels past a mask's edge. Without masks the
+    computation is exactly the unmasked one.
 
     Unbatched (``jax.vmap`` over pairs gives each its own optimiser state);
     ``levels``, ``steps``, ``similarity``, ``window``, ``optimizer``,
@@ -197,28 +154,39 @@ def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
         every level).
       diffeomorphic: optimise a stationary velocity field (scaling and squaring).
       int_steps: squarings of the velocity's integration.
+      velocity_factor: with ``diffeomorphic``, how many times coarser than the
+        level's images the velocity's grid is, per level or one for all; None: 2
+        at every level but the last, 1 there (:func:`optimize_velocity`).
+      fixed_mask: None, or a ``(*S)`` cost-function mask on the fixed grid:
+        weights in ``[0, 1]`` (0 / 1, or soft); the data term counts where it
+        is > 0. Not checked for its values here (they may be traced).
+      moving_mask: None, or a ``(*S)`` mask of the moving image (its grid, the
+        same values), warped with the field and multiplied into the weights.
 
     Returns:
       ``(*S, N)`` float32 displacement in voxels of ``fixed``: the fixed voxel
       ``x`` takes the moving value at ``x + disp(x)`` (:func:`ofg_jax.warp`).
 
     Raises:
-      ValueError: images of different shapes or not 2D / 3D, or an invalid
-        option (named).
+      ValueError: images or masks of different shapes or not 2D / 3D, or an
+        invalid option (named).
     """
     options = dict(levels=levels, steps=steps, learning_rate=learning_rate,
                    reg_weight=reg_weight, similarity=similarity, window=window,
                    optimizer=optimizer, int_steps=int_steps)
     if diffeomorphic:
-        velocity = optimize_velocity(moving, fixed, **options)
+        velocity = optimize_velocity(moving, fixed, fixed_mask=fixed_mask,
+                                     moving_mask=moving_mask,
+                                     velocity_factor=velocity_factor, **options)
         return integrate_velocity(velocity[None], int_steps)[0]
     check_options(**options)
     opt = _transformation(optimizer, learning_rate)
     return _coarse_to_fine(
         moving, fixed, tuple(levels), tuple(steps),
-        lambda m, f, start, count: refine(m, f, start, steps=count, optimizer=opt,
-                                          reg_weight=reg_weight,
-                                          similarity=similarity, window=window))
+        lambda m, f, start, count, fm, mm, _: refine(
+            m, f, start, steps=count, optimizer=opt, reg_weight=reg_weight,
+            similarity=similarity, window=window, fixed_mask=fm, moving_mask=mm),
+        fixed_mask, moving_mask)
 
 
 def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
@@ -229,51 +197,76 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
                       similarity: str = _DEFAULTS.similarity,
                       window: int = _DEFAULTS.window,
                       optimizer: Optimizer = _DEFAULTS.optimizer,
-                      int_steps: int = _DEFAULTS.int_steps) -> jax.Array:
+                      int_steps: int = _DEFAULTS.int_steps,
+                      velocity_factor=_DEFAULTS.velocity_factor,
+                      fixed_mask: Optional[jax.Array] = None,
+                      moving_mask: Optional[jax.Array] = None) -> jax.Array:
     """The stationary velocity field of :func:`optimize_displacement` with
     ``diffeomorphic=True``.
 
-    At each level the optimised variable ``w`` (starting from the previous
-    level's velocity) gives the velocity ``v = B(w)``, ``B`` a ``[1, 2, 1] / 4``
-    filter along each axis, and the energy is ``-NCC(fixed, moving∘exp(v)) +
-    reg_weight * Grad(v)`` (or MSE), ``exp`` being ``int_steps`` squarings
-    (``ofg_jax.models.integrate.integrate_velocity``, VoxelMorph's ``VecInt``).
-    The data term's gradient in ``v`` is taken as its gradient in the
-    displacement (to first order ``exp(v + dv) = exp(v) + dv``, the update of
-    log-domain demons), which spares the backward pass through the squarings;
-    the filter (as SyN and demons smooth their updates) keeps the velocity
-    smooth enough that its discrete exponential does not fold.
+    At each level the optimised variable ``w`` lives on a grid
+    ``velocity_factor`` (that level's) times coarser than the level's images
+    (starting from the previous level's velocity) and gives the velocity
+    ``v = B(w)``, ``B`` a ``[1, 2, 1] / 4`` filter along each axis. The energy
+    is ``-NCC(fixed, moving∘U(exp(v))) + reg_weight * Grad(v)`` (or MSE), with
+    ``exp`` ``int_steps`` squarings on the velocity's grid
+    (``ofg_jax.models.integrate.integrate_velocity``, VoxelMorph's ``VecInt``)
+    and ``U`` linear upsampling to the images' grid (VoxelMorph's
+    ``int_downsize``): the squarings cost ``1 / velocity_factor**N`` of the
+    images' grid. The data term's gradient in ``v`` is taken as its gradient in
+    the displacement, upsampled's adjoint aside (to first order ``exp(v + dv)
+    = exp(v) + dv``, the update of log-domain demons), written out as
+    :func:`ofg_jax.refine`'s; this spares the backward pass through the
+    squarings. The filter (as SyN and demons smooth their updates) keeps the
+    velocity smooth enough that its discrete exponential does not fold. Masks
+    weight the data term as in :func:`optimize_displacement`, the moving mask
+    warped by the field; Grad stays on the whole ``v``.
 
     Args:
       moving, fixed: as in :func:`optimize_displacement`.
       levels, steps, learning_rate, reg_weight: as there.
       similarity, window, optimizer, int_steps: as there.
+      velocity_factor: per level (or one for all), the velocity's grid is this
+        many times coarser than the level's images (1: the same grid); each
+        level's factor times the level's is a multiple of the next level's.
+        None: 2 at every level but the last, 1 there
+        (``ofg_jax.options.per_level``): half resolution where the coarse
+        shape is found, full resolution where the details are.
+      fixed_mask, moving_mask: as there.
 
     Returns:
-      ``(*S, N)`` float32 velocity in voxels of ``fixed``; the displacement is
-      ``integrate_velocity(v[None], int_steps)[0]`` and the inverse's
-      ``integrate_velocity(-v[None], int_steps)[0]``.
+      ``(*S, N)`` float32 velocity in voxels of ``fixed`` (the last level's,
+      upsampled linearly); the displacement is ``integrate_velocity(v[None],
+      int_steps)[0]`` and the inverse's ``integrate_velocity(-v[None],
+      int_steps)[0]``.
 
     Raises:
       ValueError: as :func:`optimize_displacement`.
     """
     check_options(levels=levels, steps=steps, learning_rate=learning_rate,
                   reg_weight=reg_weight, similarity=similarity, window=window,
-                  optimizer=optimizer, int_steps=int_steps)
+                  optimizer=optimizer, int_steps=int_steps,
+                  velocity_factor=velocity_factor)
     opt = _transformation(optimizer, learning_rate)
 
-    def optimize_level(moving_l, fixed_l, start, count):
-        data = _data_term(fixed_l, similarity, window)
+    def optimize_level(moving_l, fixed_l, start, count, fixed_mask_l, moving_mask_l,
+                       field_factor):
+        data = _inner_energy_fn(moving_l, fixed_l, None, similarity, window, "l2",
+                                fixed_mask_l, moving_mask_l)
+        upsample = lambda field: _to_finer(field, field_factor, fixed_l.shape)
 
         def energy(variable):
             velocity = _binomial_filter(variable)
-            disp = integrate_velocity(velocity[None], int_steps)[0]
-            disp = velocity + jax.lax.stop_gradient(disp - velocity)
-            return data(warp(moving_l, disp)) + reg_weight * grad_loss(velocity)
+            first_order = upsample(velocity)
+            disp = upsample(integrate_velocity(velocity[None], int_steps)[0])
+            disp = first_order + jax.lax.stop_gradient(disp - first_order)
+            return data(disp) + reg_weight * grad_loss(velocity)
 
         return _minimise(energy, _binomial_filter, start, opt, count)
 
-    return _coarse_to_fine(moving, fixed, tuple(levels), tuple(steps), optimize_level)
+    return _coarse_to_fine(moving, fixed, tuple(levels), tuple(steps), optimize_level,
+                           fixed_mask, moving_mask,
+                           per_level(velocity_factor, len(tuple(levels))))
 
 
 def _binomial_filter(field: jax.Array) -> jax.Array:

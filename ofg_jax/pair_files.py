@@ -11,42 +11,47 @@ outputs (``ofg_jax.transforms.OUTPUT_FILES``) only once everything is computed.
 import csv
 import dataclasses
 import os
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from ofg_jax import figures
-from ofg_jax import geometry
 from ofg_jax import nifti
-from ofg_jax.registration import AFFINE_TOLERANCE
-from ofg_jax.registration import Method
-from ofg_jax.registration import register_volumes
-from ofg_jax.transforms import AFFINE_FILE
-from ofg_jax.transforms import INVERSE_FILE
-from ofg_jax.transforms import OUTPUT_FILES
-from ofg_jax.transforms import read_volume
+from ofg_jax.nifti import AFFINE_TOLERANCE
+from ofg_jax.volumes import as_mask
+
+# The registration (JAX) is imported by register_files: a command line reads the
+# pairs and checks their headers (this module's other functions) before it
+# imports JAX.
+if TYPE_CHECKING:
+    from ofg_jax.registration import Method
 
 
 @dataclasses.dataclass(frozen=True)
 class PairFiles:
-    """The input files of one registration (segmentations optional)."""
+    """The input files of one registration (segmentations and cost-function masks
+    optional)."""
     name: str
     moving: str
     fixed: str
     moving_seg: Optional[str] = None
     fixed_seg: Optional[str] = None
+    moving_mask: Optional[str] = None
+    fixed_mask: Optional[str] = None
 
     def roles(self) -> dict[str, str]:
         """``{description: path}`` of the files that are given."""
         roles = {"moving image": self.moving, "fixed image": self.fixed,
                  "moving segmentation": self.moving_seg,
-                 "fixed segmentation": self.fixed_seg}
+                 "fixed segmentation": self.fixed_seg,
+                 "moving mask": self.moving_mask, "fixed mask": self.fixed_mask}
         return {what: path for what, path in roles.items() if path}
 
 
 def check_headers(files: PairFiles) -> list[str]:
-    """Checks the input files of a pair from their headers alone (no voxels read).
+    """Checks the input files of a pair from their headers alone (no voxels read),
+    and the cost-function masks' voxels too (:func:`read_mask`: small, and a bad
+    mask is then found before any pair of a batch is registered).
 
     Returns:
       A warning line for each file whose header states no orientation
@@ -54,8 +59,9 @@ def check_headers(files: PairFiles) -> list[str]:
 
     Raises:
       FileNotFoundError: a missing file.
-      ValueError: an unreadable file, one that is not a single 3D volume, or a
-        segmentation whose grid (shape or affine) differs from its image's.
+      ValueError: an unreadable file, one that is not a single 3D volume, a
+        segmentation whose grid (shape or affine) differs from its image's, or a
+        mask with non-finite values, values outside ``[0, 1]`` or only zeros.
     """
     grids = {what: nifti.volume_grid(path, what)
              for what, path in files.roles().items()}
@@ -74,12 +80,24 @@ def check_headers(files: PairFiles) -> list[str]:
             raise ValueError(f"{side} segmentation {seg_path} and its image "
                              f"{image_path} have different affines (entries differ "
                              f"by up to {difference:.4g}): they must share a grid")
+    for path, what in ((files.moving_mask, "moving mask"),
+                       (files.fixed_mask, "fixed mask")):
+        if path:
+            read_mask(path, what)
     warnings = (nifti.orientation_warning(path, what)
                 for what, path in files.roles().items())
     return [line for line in warnings if line]
 
 
-def register_files(method: Method, files: PairFiles, out_dir: str, *,
+def read_mask(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A cost-function mask file (any geometry): its voxels, checked (finite,
+    within ``[0, 1]``, somewhere > 0; ``ofg_jax.volumes.as_mask``) as float32, and
+    its ``(4, 4)`` affine."""
+    _, affine = nifti.volume_grid(path, what)
+    return as_mask(nifti.read_array(path), path, what), affine
+
+
+def register_files(method: "Method", files: PairFiles, out_dir: str, *,
                    refine_steps: int = 0, with_figures: bool = False,
                    affine: bool = False, inverse: bool = False,
                    fov_center: Optional[Sequence[float]] = None,
@@ -90,17 +108,31 @@ def register_files(method: Method, files: PairFiles, out_dir: str, *,
     settings of optimisation alone (``ofg_jax.optimize.OptimizeSettings``). The
     files must have passed :func:`check_headers`. Every voxel is read and
     checked and the registration computed before anything is written. Returns
-    the result of :func:`register_volumes` plus ``written``, the paths written.
+    the result of :func:`~ofg_jax.registration.register_volumes` plus
+    ``written``, the paths written.
     """
+    # pylint: disable=g-import-not-at-top
+    from ofg_jax import figures
+    from ofg_jax import geometry
+    from ofg_jax.registration import register_volumes
+    from ofg_jax.transforms import AFFINE_FILE
+    from ofg_jax.transforms import INVERSE_FILE
+    from ofg_jax.transforms import OUTPUT_FILES
+    from ofg_jax.transforms import Volume
+    from ofg_jax.transforms import read_volume
     moving, fixed = read_volume(files.moving, "moving image"), read_volume(
         files.fixed, "fixed image")
     moving_seg, fixed_seg = (read_volume(path, what, labels=True) if path else None
                              for path, what in ((files.moving_seg, "moving segmentation"),
                                                 (files.fixed_seg, "fixed segmentation")))
+    moving_mask, fixed_mask = (Volume(*read_mask(path, what)) if path else None
+                               for path, what in ((files.moving_mask, "moving mask"),
+                                                  (files.fixed_mask, "fixed mask")))
     result = register_volumes(method, moving, fixed, moving_seg, fixed_seg,
                               refine_steps=refine_steps, affine=affine,
                               inverse=inverse, fov_center=fov_center,
-                              voxel_size=voxel_size)
+                              voxel_size=voxel_size, fixed_mask=fixed_mask,
+                              moving_mask=moving_mask)
     fixed_image = nib.load(files.fixed)
     os.makedirs(out_dir, exist_ok=True)
     join = lambda name: os.path.join(out_dir, name)
@@ -137,10 +169,12 @@ def register_files(method: Method, files: PairFiles, out_dir: str, *,
 
 
 def read_pairs_csv(path: str) -> list[PairFiles]:
-    """The pairs of a CSV file: ``moving,fixed[,moving_seg,fixed_seg][,name]``.
+    """The pairs of a CSV file:
+    ``moving,fixed[,moving_seg,fixed_seg][,moving_mask,fixed_mask][,name]``.
 
     Relative paths are taken from the CSV file's folder; an empty segmentation
-    cell means none. A missing name is ``<moving stem>_to_<fixed stem>``.
+    or mask cell means none (each mask column is optional on its own). A missing
+    name is ``<moving stem>_to_<fixed stem>``.
 
     Raises:
       FileNotFoundError: a missing CSV file.
@@ -151,14 +185,15 @@ def read_pairs_csv(path: str) -> list[PairFiles]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pairs file {path} not found")
     folder = os.path.dirname(os.path.abspath(path))
-    allowed = {"moving", "fixed", "moving_seg", "fixed_seg", "name"}
+    allowed = {"moving", "fixed", "moving_seg", "fixed_seg", "moving_mask",
+               "fixed_mask", "name"}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if not {"moving", "fixed"} <= set(columns) or set(columns) - allowed:
             raise ValueError(
                 f"{path} has columns {columns}; expected moving,fixed and optionally "
-                "moving_seg, fixed_seg, name")
+                "moving_seg, fixed_seg, moving_mask, fixed_mask, name")
         rows = []
         for row in reader:
             if None in row:  # DictReader's key of the cells past the header's.
@@ -181,7 +216,9 @@ def read_pairs_csv(path: str) -> list[PairFiles]:
                              "folder name")
         pairs.append(PairFiles(name, resolve(row["moving"]), resolve(row["fixed"]),
                                resolve(row.get("moving_seg")),
-                               resolve(row.get("fixed_seg"))))
+                               resolve(row.get("fixed_seg")),
+                               resolve(row.get("moving_mask")),
+                               resolve(row.get("fixed_mask"))))
     names = [pair.name for pair in pairs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -6,31 +6,41 @@ per-voxel "instance" optimiser, OFG's proposal) and :func:`refine_with_network`
 (the network-based design of the ablation).
 """
 
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ofg_jax._shapes import check_disp, check_same_spatial
-from ofg_jax.ncc import ncc_gradient_to, ncc_to
+from ofg_jax.ncc import masked_mean, ncc_gradient_to, ncc_to
 from ofg_jax.optim import torch_adam
+from ofg_jax.options import OPTIMIZERS, SIMILARITIES
 from ofg_jax.regularizers import grad_loss, grad_loss_gradient
 from ofg_jax.resolution import block_mean
 from ofg_jax.warp import warp, warp_and_slopes
 
-SIMILARITIES = ("ncc", "mse")
-OPTIMIZERS = ("amsgrad", "adam", "sgd")
 
 Optimizer = Union[str, optax.GradientTransformation]
 
 
 def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
                         reg_weight: float = 1.0, similarity: str = "ncc",
-                        window: int = 9, penalty: str = "l2") -> jax.Array:
+                        window: int = 9, penalty: str = "l2",
+                        fixed_mask: Optional[jax.Array] = None,
+                        moving_mask: Optional[jax.Array] = None) -> jax.Array:
     """The energy OFG minimises (Eq. 4): ``-NCC(fixed, moving∘disp) + reg_weight * Grad(disp)``.
 
     With ``similarity="mse"`` the data term is ``mean((fixed - moving∘disp)**2)``.
+
+    Cost-function masks (as ANTs' ``-x [fixedMask,movingMask]``) weight the data
+    term only: with weights ``w`` it is the weighted mean ``sum(w * c) / sum(w)``
+    of the per-voxel term ``c`` (the local NCC map ``cc``, or the squared
+    error), so voxels of weight 0 do not count; Grad stays over the whole field.
+    ``w`` is ``fixed_mask``, times ``moving_mask∘disp`` (the moving mask warped
+    by the field, linear, 0 outside) when there is a moving mask. The warped
+    moving mask is not differentiated (``stop_gradient``: it selects the voxels
+    that count, as ITK's masks select sample points, and pulls on nothing).
 
     Args:
       moving, fixed: ``(*S)`` images.
@@ -39,48 +49,87 @@ def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
       similarity: ``"ncc"`` or ``"mse"``.
       window: NCC window width, in voxels.
       penalty: ``"l2"`` or ``"l1"`` for :func:`grad_loss`.
+      fixed_mask: None, or ``(*S)`` weights in ``[0, 1]`` on the fixed grid
+        (binary or soft).
+      moving_mask: None, or ``(*S)`` weights in ``[0, 1]`` on the moving image's
+        grid.
 
     Returns:
       Scalar energy.
     """
-    return _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)(disp)
+    _check_masks(fixed.shape, fixed_mask, moving_mask)
+    return _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+                      fixed_mask, moving_mask)(disp)
 
 
 def _data_term(fixed, similarity, window):
-    """``warped -> -NCC(fixed, warped)`` or the MSE, with what depends only on
-    ``fixed`` hoisted."""
+    """``(warped, weights=None) -> -NCC(fixed, warped)`` or the MSE (weighted means
+    with ``weights``), with what depends only on ``fixed`` hoisted."""
     if similarity == "ncc":
         similarity_to_fixed = ncc_to(fixed, window=window)
-        return lambda warped: -similarity_to_fixed(warped)
+        return lambda warped, weights=None: -similarity_to_fixed(warped, weights)
     if similarity == "mse":
-        return lambda warped: jnp.mean((fixed - warped) ** 2)
+        return lambda warped, weights=None: masked_mean((fixed - warped) ** 2, weights)
     raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
 
 
-def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
+def _mask_weights(fixed_mask, moving_mask) -> Callable[[jax.Array], Optional[jax.Array]]:
+    """``disp -> `` the data term's weights on the fixed grid: ``fixed_mask``, times
+    the moving mask warped by ``disp`` (not differentiated); None without masks."""
+    if moving_mask is None:
+        return lambda disp: fixed_mask
+
+    def weights(disp):
+        on_fixed = warp(moving_mask, jax.lax.stop_gradient(disp))
+        return on_fixed if fixed_mask is None else fixed_mask * on_fixed
+
+    return weights
+
+
+def _check_masks(shape, fixed_mask, moving_mask) -> None:
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None and tuple(jnp.shape(mask)) != tuple(shape):
+            raise ValueError(f"{name} of shape {tuple(jnp.shape(mask))} does not match "
+                             f"images of shape {tuple(shape)}")
+
+
+def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+               fixed_mask=None, moving_mask=None):
     """``disp -> energy``, with everything that depends only on ``fixed`` hoisted."""
     data = _data_term(fixed, similarity, window)
-    return lambda disp: (data(warp(moving, disp))
+    weights = _mask_weights(fixed_mask, moving_mask)
+    if reg_weight is None:  # the data term alone
+        return lambda disp: data(warp(moving, disp), weights(disp))
+    return lambda disp: (data(warp(moving, disp), weights(disp))
                          + reg_weight * grad_loss(disp, penalty=penalty))
 
 
-def _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty):
+def _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+                     fixed_mask=None, moving_mask=None):
     """:func:`_energy_fn` with its gradient in ``disp`` written out, for the inner loop.
 
     The same value; the gradient is ``jax.grad`` of it up to float32 rounding, in
     fewer passes over memory (``warp_and_slopes``, ``ncc_gradient_to``,
-    ``grad_loss_gradient``). Reverse mode only.
+    ``grad_loss_gradient``). Reverse mode only. With masks the data term's
+    per-voxel coefficients are weighted (``ncc_gradient_to``'s ``weights``; the
+    moving mask warped once more per step); without, nothing is added.
+    ``reg_weight=None``: the data term alone.
     """
-    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+                        fixed_mask, moving_mask)
+    mask_weights = _mask_weights(fixed_mask, moving_mask)
     if similarity == "ncc":
         ncc_gradient = ncc_gradient_to(fixed, window=window)
-        data_gradient = lambda warped: -ncc_gradient(warped)
+        data_gradient = lambda warped, weights: -ncc_gradient(warped, weights)
     else:
-        data_gradient = jax.grad(lambda warped: jnp.mean((fixed - warped) ** 2))
+        data_gradient = jax.grad(
+            lambda warped, weights: masked_mean((fixed - warped) ** 2, weights))
 
     def gradient(disp):
         warped, slopes = warp_and_slopes(moving, disp)
-        g_warped = data_gradient(warped)
+        g_warped = data_gradient(warped, mask_weights(disp))
+        if reg_weight is None:
+            return jnp.stack([g_warped * slope for slope in slopes], axis=-1)
         smooth = reg_weight * grad_loss_gradient(disp, penalty=penalty)
         # Each component in one expression: XLA then computes the whole gradient
         # in one pass, where a sum of two stacked arrays has each optimiser
@@ -116,7 +165,8 @@ def _optimizer(optimizer: Optimizer, learning_rate, default_lr: float
 def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int = 10,
            learning_rate=None, reg_weight: float = 1.0, similarity: str = "ncc",
            optimizer: Optimizer = "amsgrad", downsample: int = 1, window: int = 9,
-           penalty: str = "l2") -> jax.Array:
+           penalty: str = "l2", fixed_mask: Optional[jax.Array] = None,
+           moving_mask: Optional[jax.Array] = None) -> jax.Array:
     """Runs OFG's instance optimisation (Eq. 2) from ``stop_gradient(disp)``.
 
     ``steps`` updates of ``optimizer`` on :func:`registration_energy`, inside one
@@ -143,11 +193,15 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
       downsample: resolution factor of the optimised field (1 = per voxel).
       window: NCC window width, in voxels.
       penalty: ``"l2"`` or ``"l1"`` smoothness penalty.
+      fixed_mask, moving_mask: optional ``(*S)`` cost-function masks, weights in
+        ``[0, 1]`` on the fixed and the moving grid: as in
+        :func:`registration_energy`.
 
     Returns:
       ``(*S, N)`` refined displacement, in voxels.
     """
     _check_inputs(moving, fixed, disp, similarity)
+    _check_masks(fixed.shape, fixed_mask, moving_mask)
     if not isinstance(downsample, int) or downsample < 1:
         raise ValueError(f"downsample must be a positive integer, got {downsample!r}")
 
@@ -159,7 +213,8 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
         to_field = lambda params: jax.image.resize(params, disp.shape, "linear")
         params = block_mean(start, downsample, spatial_dims=start.ndim - 1)
     opt = _optimizer(optimizer, learning_rate, default_lr=0.1)
-    energy = _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty)
+    energy = _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+                              fixed_mask, moving_mask)
     return _minimise(lambda p: energy(to_field(p)), to_field, params, opt, steps)
 
 

@@ -47,18 +47,19 @@ import sys
 from typing import Any, Iterator, Optional, Sequence
 
 from absl import flags
-import jax
-from jax.experimental.compilation_cache import compilation_cache
 
 from ofg_jax import cli
-from ofg_jax import inference
+from ofg_jax import config as config_lib
 from ofg_jax import pair_files
-from ofg_jax.compile_time import compile_clock
-from ofg_jax.optimize import OptimizeSettings
-from ofg_jax.optimize import check_options
+from ofg_jax.options import OPTIMIZERS
+from ofg_jax.options import SIMILARITIES
+from ofg_jax.options import OptimizeSettings
+from ofg_jax.options import check_options
 from ofg_jax.pair_files import PairFiles
-from ofg_jax.refine import OPTIMIZERS
-from ofg_jax.refine import SIMILARITIES
+
+# JAX, and all that runs on it, is imported once every flag and file is checked
+# (_run): a bad command line or input is reported before it, in well under a
+# second.
 
 SUMMARY_COLUMNS = ("name", "moving", "fixed", "dice", "non_pos_jacobian_pct",
                    "energy")
@@ -66,7 +67,9 @@ DEFAULTS = OptimizeSettings()
 # Flags that only one of the two paths takes.
 NETWORK_FLAGS = ("refine-steps", "checkpoint", "fov-center")
 OPTIMIZATION_FLAGS = ("levels", "steps", "learning-rate", "reg-weight", "similarity",
-                      "window", "optimizer", "diffeomorphic", "int-steps", "voxel-size")
+                      "window", "optimizer", "diffeomorphic", "int-steps",
+                      "velocity-factor", "voxel-size",
+                      "fixed-mask", "moving-mask")
 # Programs that compile faster than this are not written to the persistent cache
 # (JAX's default is 1 s).
 CACHE_MIN_COMPILE_SECONDS = 0.0
@@ -82,10 +85,18 @@ def _define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("fixed", None, "Fixed image (NIfTI); the outputs take its "
                         "affine and header.", **define)
     flags.DEFINE_string("moving-seg", None, "Moving label map: warped too.", **define)
+    flags.DEFINE_string("fixed-mask", None, "No --workdir: cost-function mask of "
+                        "the fixed image (NIfTI, any geometry; weights in [0, 1]): "
+                        "the similarity counts only where it is > 0.", **define)
+    flags.DEFINE_string("moving-mask", None, "No --workdir: cost-function mask of "
+                        "the moving image (NIfTI, any geometry; weights in [0, 1]), "
+                        "warped with the transform and multiplied into the fixed "
+                        "mask.", **define)
     flags.DEFINE_string("fixed-seg", None, "Fixed label map: with --moving-seg, "
                         "Dice is printed.", **define)
     flags.DEFINE_string("pairs", None, "Batch mode: CSV file with columns moving,"
-                        "fixed[,moving_seg,fixed_seg][,name] (paths relative to the "
+                        "fixed[,moving_seg,fixed_seg][,moving_mask,fixed_mask]"
+                        "[,name] (paths relative to the "
                         "CSV's folder); one subfolder of --out per pair and "
                         "summary.csv.", **define)
     flags.DEFINE_string("out", None, "Output folder.", **define)
@@ -127,6 +138,10 @@ def _define_flags(fv: flags.FlagValues) -> None:
                       "no folding.", **define)
     flags.DEFINE_integer("int-steps", DEFAULTS.int_steps, "No --workdir, "
                          "--diffeomorphic: squarings of the integration.", **define)
+    flags.DEFINE_list("velocity-factor", None, "No --workdir, --diffeomorphic: per "
+                      "level, the velocity lives on a grid this many times coarser "
+                      "than the level (1: the level's grid); default: 2 at every "
+                      "level but the last, 1 at the last.", **define)
     flags.DEFINE_float("voxel-size", None, "No --workdir: optimise on a grid of this "
                        "voxel size (mm) along the fixed image's axes, for large "
                        "scans; default: the fixed grid.", **define)
@@ -138,7 +153,7 @@ def _define_flags(fv: flags.FlagValues) -> None:
 
 def _pairs_from_flags(fv: flags.FlagValues) -> list[PairFiles]:
     single = [fv[name].value for name in ("moving", "fixed", "moving-seg",
-                                          "fixed-seg")]
+                                          "fixed-seg", "moving-mask", "fixed-mask")]
     if fv.pairs:
         if any(single):
             raise cli.UsageError("give either --pairs or --moving/--fixed, not both")
@@ -178,7 +193,9 @@ def _settings(fv: flags.FlagValues) -> OptimizeSettings:
         levels=_integers(fv, "levels"), steps=_integers(fv, "steps"),
         learning_rate=fv["learning-rate"].value, reg_weight=fv["reg-weight"].value,
         similarity=fv.similarity, window=fv.window, optimizer=fv.optimizer,
-        diffeomorphic=fv.diffeomorphic, int_steps=fv["int-steps"].value)
+        diffeomorphic=fv.diffeomorphic, int_steps=fv["int-steps"].value,
+        velocity_factor=(_integers(fv, "velocity-factor")
+                         if fv["velocity-factor"].value else None))
     try:
         check_options(**settings.options())
     except ValueError as e:
@@ -215,6 +232,9 @@ def persistent_compilation_cache(enabled: bool) -> Iterator[str]:
     """JAX's persistent compilation cache in :func:`compilation_cache_dir` (or
     ``JAX_COMPILATION_CACHE_DIR`` when set) while active, or none; yields the
     log line saying which. JAX's previous settings are restored on exit."""
+    # pylint: disable=g-import-not-at-top
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
     names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
              "jax_persistent_cache_min_compile_time_secs")
     previous = {name: getattr(jax.config, name) for name in names}
@@ -275,16 +295,24 @@ def _run(fv: flags.FlagValues) -> None:
     fov_center = _fov_center(fv["fov-center"].value)
     settings = None if fv.workdir else _settings(fv)
     pairs = _pairs_from_flags(fv)
+    if fv.workdir and any(pair.moving_mask or pair.fixed_mask for pair in pairs):
+        raise cli.UsageError(f"the moving_mask and fixed_mask columns of {fv.pairs}: "
+                             "only for the optimisation without a network; leave out "
+                             "--workdir to use them")
     if fv.workdir:
-        inference.read_config(fv.workdir)
+        config_lib.read_config(fv.workdir)
     batch = bool(fv.pairs)
     _check_out_dirs(fv.out, [pair.name for pair in pairs] if batch else [])
     for pair in pairs:
         for line in pair_files.check_headers(pair):
             print(line)
+    # Everything is checked that can be without JAX. Import it, and the registration
+    # that runs on it, now: a pair's time does not count the imports.
+    from ofg_jax import registration  # noqa: F401  # pylint: disable=g-import-not-at-top
     with persistent_compilation_cache(fv["compilation-cache"].value) as cache_line:
         print(cache_line)
         if fv.workdir:
+            from ofg_jax import inference  # pylint: disable=g-import-not-at-top
             method = inference.load_trained(fv.workdir, fv.checkpoint)
             print(f"path: trained network of {os.path.abspath(fv.workdir)}")
             print(f"checkpoint: step {method.step} of "
@@ -307,6 +335,7 @@ def _run(fv: flags.FlagValues) -> None:
 def _register_pair(fv: flags.FlagValues, method, pair: PairFiles, batch: bool,
                    fov_center) -> dict[str, Any]:
     """Registers one pair, prints its metrics and log; returns its summary row."""
+    from ofg_jax.compile_time import compile_clock  # pylint: disable=g-import-not-at-top
     out_dir = os.path.join(fv.out, pair.name) if batch else fv.out
     with compile_clock() as clock:
         result = pair_files.register_files(

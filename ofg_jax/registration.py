@@ -19,7 +19,7 @@ fixed grid, ``matrix`` the affine or identity).
 
 import math
 import os
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,30 +30,33 @@ from ofg_jax import figures
 from ofg_jax import geometry
 from ofg_jax import transforms
 from ofg_jax.compile_time import compile_clock
-from ofg_jax.data import Pair
 from ofg_jax.geometry import Grid
 from ofg_jax.grid_registration import dice_scores
 from ofg_jax.grid_registration import optimize_arrays
 from ofg_jax.grid_registration import register_arrays
-from ofg_jax.inference import Trained
-from ofg_jax.inference import network_geometry
 from ofg_jax.inverse import INVERSE_ITERATIONS
 from ofg_jax.inverse import closer_inverse
 from ofg_jax.inverse import inverse_residual
 from ofg_jax.inverse import invert_displacement
 from ofg_jax.models.integrate import integrate_velocity
+from ofg_jax.nifti import AFFINE_TOLERANCE
 from ofg_jax.optimize import OptimizeSettings
 from ofg_jax.transforms import Volume
 from ofg_jax.transforms import apply_transform
+from ofg_jax.volumes import check_mask
 
-# Largest difference of two affines still taken as the same grid (mm).
-AFFINE_TOLERANCE = 1e-3
+# A trained network (inference: orbax) is imported where one is used: optimisation
+# alone does not import it.
+if TYPE_CHECKING:
+    from ofg_jax.data import Pair
+    from ofg_jax.inference import Trained
+
 # Foreground for the inverse-consistency error without a segmentation: voxels
 # above this fraction of the way from the minimum to the 99th percentile.
 FOREGROUND_FRACTION = 0.1
 
 # A trained network, or the settings of optimisation alone.
-Method = Union[Trained, OptimizeSettings]
+Method = Union["Trained", OptimizeSettings]
 
 
 def working_grid(fixed_grid: Grid, voxel_size: Optional[float]) -> Grid:
@@ -89,7 +92,9 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
                      affine: bool = False, inverse: bool = False,
                      fov_center: Optional[Sequence[float]] = None,
                      voxel_size: Optional[float] = None,
-                     labels: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                     labels: Optional[Sequence[int]] = None,
+                     fixed_mask: Optional[Volume] = None,
+                     moving_mask: Optional[Volume] = None) -> dict[str, Any]:
     """Registers two volumes of any geometry; the outputs lie on the fixed grid.
 
     With a trained network the working grid is the fixed grid itself when the
@@ -106,6 +111,15 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
     sampled once from the original moving image through the whole transform
     (:func:`~ofg_jax.transforms.apply_transform`).
 
+    Cost-function masks (optimisation alone): each mask, of any geometry, is
+    resampled linearly (smoothed first onto a coarser grid, as the images are)
+    and clipped to ``[0, 1]``; 0 outside its own field of view. The fixed mask
+    goes onto the working grid, the moving mask as the moving image does
+    (through the affine when there is one); each also goes onto its image's
+    own grid for the affine stage, whose similarity it weights too. The
+    optimisation's data term then counts where ``fixed_mask * moving_mask∘disp
+    > 0`` (``ofg_jax.optimize.optimize_displacement``).
+
     Args:
       method: a trained network (``ofg_jax.inference.load_trained``) or the
         settings of optimisation alone.
@@ -120,6 +134,9 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
       voxel_size: voxel size (mm) of an optimisation's working grid; None =
         the fixed grid.
       labels: labels of the Dice; None = those of ``fixed_seg`` but 0.
+      fixed_mask, moving_mask: optional masks (weights in ``[0, 1]``, binary or
+        soft) of the fixed and of the moving image, each on a grid of its own;
+        optimisation alone.
 
     Returns:
       On the fixed grid: ``warped`` float32, ``jacobian`` (of the deformable
@@ -137,8 +154,9 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
       lines saying what was done.
 
     Raises:
-      ValueError: a segmentation off its image's grid, or an option that does
-        not apply to ``method``.
+      ValueError: a segmentation off its image's grid, an option that does
+        not apply to ``method``, or a mask with values outside ``[0, 1]`` or 0
+        over the grid it is resampled onto.
     """
     for what, volume, image in (("moving", moving_seg, moving),
                                 ("fixed", fixed_seg, fixed)):
@@ -154,6 +172,12 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
     if not optimizing and voxel_size is not None:
         raise ValueError("voxel_size applies to optimisation alone; a network works "
                          "on its own grid")
+    if not optimizing and (fixed_mask is not None or moving_mask is not None):
+        raise ValueError("fixed_mask and moving_mask apply to optimisation alone; a "
+                         "trained network's prediction does not use masks")
+    for what, mask in (("fixed mask", fixed_mask), ("moving mask", moving_mask)):
+        if mask is not None:
+            check_mask(mask.array, f"the {what}")
     fixed_grid, moving_grid = fixed.grid, moving.grid
     log = [f"moving: {moving_grid.describe()}", f"fixed: {fixed_grid.describe()}"]
     if optimizing:
@@ -166,6 +190,7 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
         log.append("network grid: the fixed grid (moving and fixed share it and "
                    "have the network's shape): nothing resampled")
     else:
+        from ofg_jax.inference import network_geometry  # pylint: disable=g-import-not-at-top
         spacing, axcodes = network_geometry(method.config)
         grid, message = geometry.fit_field_of_view(
             fixed_grid, method.full_size, spacing, axcodes, center=fov_center)
@@ -177,9 +202,12 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
         # On the images' own grids: finer than the working grid, and the matrix
         # is world -> world whatever the grids.
         with compile_clock() as clock:
-            matrix = affine_lib.register_affine(moving.array, fixed.array,
-                                                moving_affine=moving.affine,
-                                                fixed_affine=fixed.affine)
+            matrix = affine_lib.register_affine(
+                moving.array, fixed.array, moving_affine=moving.affine,
+                fixed_affine=fixed.affine,
+                fixed_mask=_mask_on(fixed_mask, fixed_grid, "fixed mask", "fixed grid"),
+                moving_mask=_mask_on(moving_mask, moving_grid, "moving mask",
+                                     "moving grid"))
         log.append(f"affine (fixed -> moving world): {affine_lib.describe(matrix)}; "
                    f"{clock.compute_seconds:.2f} s, and {clock.compile_seconds:.2f} s "
                    "compiling")
@@ -187,8 +215,17 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
               and moving_grid.same_as(fixed_grid, AFFINE_TOLERANCE))
     moving_w = (np.asarray(moving.array, np.float32) if direct
                 else _resampled(moving, grid, matrix))
+    masks = {}
+    if fixed_mask is not None:
+        masks["fixed_mask"] = _mask_on(fixed_mask, grid, "fixed mask", "working grid")
+    if moving_mask is not None:
+        masks["moving_mask"] = _mask_on(moving_mask, grid, "moving mask",
+                                        "working grid", matrix)
+    for name, mask in masks.items():
+        log.append(f"{name.replace('_', ' ')}: {100 * np.mean(mask > 0):.1f} % of the "
+                   "working grid counts (weight > 0)")
     if optimizing:
-        found = optimize_arrays(method, moving_w, fixed_w)
+        found = optimize_arrays(method, moving_w, fixed_w, **masks)
         log.append(f"optimiser: {found['compilation']} in "
                    f"{found['compile_seconds']:.2f} s")
         log.append(f"optimisation: {found['optimize_seconds']:.2f} s (the compiled "
@@ -215,6 +252,26 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
                    f"{result['inverse_region']}")
     result["log"] = log
     return result
+
+
+def _mask_on(mask: Optional[Volume], grid: Grid, what: str, where: str,
+             matrix: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """``mask`` on ``grid`` (through ``matrix``): as it is on its own grid, else
+    resampled (:func:`_resampled`, linear, 0 outside) and clipped to ``[0, 1]``.
+
+    Raises:
+      ValueError: the mask is 0 everywhere on ``grid``.
+    """
+    if mask is None:
+        return None
+    if matrix is None and mask.grid.same_as(grid, AFFINE_TOLERANCE):
+        array = np.asarray(mask.array, np.float32)
+    else:
+        array = np.clip(_resampled(mask, grid, matrix), 0.0, 1.0).astype(np.float32)
+    if not np.any(array > 0):
+        raise ValueError(f"the {what} is 0 everywhere on the {where}: it does not "
+                         "overlap that field of view")
+    return array
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
@@ -254,7 +311,7 @@ def _inverse(found, grid, moving, moving_seg, matrix, int_steps) -> dict[str, An
             "inverse_region": region}
 
 
-def write_run_figures(out_dir: str, trained: Trained, pair: Pair,
+def write_run_figures(out_dir: str, trained: "Trained", pair: "Pair",
                       labels: Sequence[int], metrics_csv: str, title: str = ""
                       ) -> list[str]:
     """The figures of a training run; returns the paths written.

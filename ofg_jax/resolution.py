@@ -9,6 +9,8 @@ between coarse centres (half-pixel centres, edges clamped, as
 
 import jax
 
+from ofg_jax.models.resample import upsample_linear2
+
 
 def block_mean(x: jax.Array, factor: int, spatial_dims: int = 3) -> jax.Array:
     """The means of ``factor**N`` blocks of the ``spatial_dims`` leading axes.
@@ -36,8 +38,12 @@ def upsample_displacement(disp: jax.Array, factor: int) -> jax.Array:
     """A coarse ``(*S, N)`` displacement in coarse voxels as ``(*f S, N)`` in fine voxels.
 
     Linear interpolation between the coarse voxel centres (``jax.image.resize``),
-    values multiplied by ``factor``.
+    values multiplied by ``factor``. Factor 2 takes the separable two-tap form
+    (``models.resample.upsample_linear2``: the same values to float32 rounding,
+    several times faster, forward and backward).
     """
+    if factor == 2:
+        return 2.0 * upsample_linear2(disp[None])[0]
     spatial = disp.shape[:-1]
     fine = tuple(n * factor for n in spatial) + disp.shape[-1:]
     return factor * jax.image.resize(disp, fine, "linear")

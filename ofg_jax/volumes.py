@@ -1,8 +1,8 @@
-"""Checks of volumes read from disk: 3D, finite intensities, integer labels.
+"""Checks of volumes read from disk: 3D, finite intensities, integer labels, masks.
 
 Every reader (the datasets, the NIfTI files of ``register``) passes what it
-loaded through :func:`as_image` or :func:`as_labels`, so a bad file is named in
-one clear error wherever it is read.
+loaded through :func:`as_image`, :func:`as_labels` or :func:`as_mask`, so a bad
+file is named in one clear error wherever it is read.
 """
 
 from typing import Sequence
@@ -52,3 +52,28 @@ def as_labels(array, path: str, what: str = "segmentation") -> np.ndarray:
     if not np.all(np.isfinite(array)) or np.any(rounded != array):
         raise ValueError(f"{what} in {path} holds non-integer label values")
     return rounded.astype(np.int32)
+
+
+def as_mask(array, path: str, what: str = "mask") -> np.ndarray:
+    """Checks a loaded cost-function mask (:func:`as_image`, then
+    :func:`check_mask`); returns it as ``float32``."""
+    return check_mask(as_image(array, path, what), f"{what} {path}")
+
+
+def check_mask(mask, what: str, shape=None) -> np.ndarray:
+    """``mask`` as float32, checked: finite, within ``[0, 1]``, somewhere > 0 (and
+    of ``shape``, when given); else a ``ValueError`` naming ``what``."""
+    mask = np.asarray(mask, np.float32)
+    if shape is not None and mask.shape != tuple(shape):
+        raise ValueError(f"{what} has shape {mask.shape}, its image {tuple(shape)}")
+    if not np.all(np.isfinite(mask)):
+        bad = int(mask.size - np.count_nonzero(np.isfinite(mask)))
+        raise ValueError(f"{what} has {bad} non-finite (NaN or inf) voxels")
+    low, high = float(mask.min()), float(mask.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"{what} has values from {low:g} to {high:g}: a mask holds "
+                         "weights in [0, 1] (0 = ignored, 1 = counted, binary or "
+                         "soft)")
+    if high == 0:
+        raise ValueError(f"{what} is 0 everywhere: nothing would count")
+    return mask

@@ -43,8 +43,9 @@ def np_window_sums(x, window):
     return out
 
 
-def np_ncc(i, j, window=9, eps=1e-5):
-    """VoxelMorph's local NCC: the mean of ``cross^2 / (var_i var_j + eps)``."""
+def np_ncc(i, j, window=9, eps=1e-5, weights=None):
+    """VoxelMorph's local NCC: the mean of ``cross^2 / (var_i var_j + eps)``; with
+    ``weights``, their weighted mean ``sum(w * cc) / sum(w)`` (a cost-function mask)."""
     n = window ** np.ndim(i)
     i, j = np.asarray(i, np.float64), np.asarray(j, np.float64)
     si, sj = np_window_sums(i, window), np_window_sums(j, window)
@@ -54,7 +55,11 @@ def np_ncc(i, j, window=9, eps=1e-5):
     cross = sij - uj * si - ui * sj + ui * uj * n
     var_i = sii - 2 * ui * si + ui * ui * n
     var_j = sjj - 2 * uj * sj + uj * uj * n
-    return np.mean(cross * cross / (var_i * var_j + eps))
+    cc = cross * cross / (var_i * var_j + eps)
+    if weights is None:
+        return np.mean(cc)
+    weights = np.asarray(weights, np.float64)
+    return np.sum(weights * cc) / np.sum(weights)
 
 
 def np_grad_loss(disp, penalty="l2"):

@@ -95,3 +95,75 @@ def test_inner_energy_equals_registration_energy_with_its_gradient(similarity, p
     want = jax.grad(plain)(disp)
     np.testing.assert_allclose(jax.grad(inner)(disp), want, rtol=1e-4,
                                atol=1e-6 * np.max(np.abs(want)))
+
+
+# Cost-function masks: the data term is the weighted mean sum(w c) / sum(w), with
+# w = fixed_mask * moving_mask∘disp, the warped moving mask held constant.
+
+def masks(shape, seed):
+    """A soft fixed mask with a hole of zeros, and a binary moving mask."""
+    rng = np.random.default_rng(seed)
+    fixed_mask = (rng.random(shape) * (rng.random(shape) > 0.3)).astype(np.float32)
+    moving_mask = (rng.random(shape) > 0.4).astype(np.float32)
+    return fixed_mask, moving_mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("window", [3, 5])
+def test_weighted_ncc_gradient_matches_autodiff_and_float64(shape, window):
+    _, fixed, _ = case(shape, seed=2)
+    weights, _ = masks(shape, seed=8)
+    b = (0.5 * fixed + 0.5 * np.random.default_rng(3).random(shape)).astype(np.float32)
+    got = np.asarray(ncc_gradient_to(jnp.asarray(fixed), window=window)(
+        jnp.asarray(b), jnp.asarray(weights)))
+    want = jax.grad(lambda x: ncc_to(jnp.asarray(fixed), window=window)(
+        x, jnp.asarray(weights)))(jnp.asarray(b))
+    assert np.max(np.abs(want)) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.max(np.abs(want)))
+    points = some_points(shape, 5, seed=4)
+    fd = finite_differences(lambda x: np_ncc(fixed, x, window, weights=weights), b,
+                            points, step=1e-4)
+    np.testing.assert_allclose(got[tuple(np.array(points).T)], fd, rtol=2e-3,
+                               atol=1e-3 * np.max(np.abs(fd)))
+    # The weights change the gradient (a masked voxel's window still counts
+    # through its neighbours, so it need not vanish there).
+    plain = np.asarray(ncc_gradient_to(jnp.asarray(fixed), window=window)(jnp.asarray(b)))
+    assert np.max(np.abs(got - plain)) > 0.1 * np.max(np.abs(plain))
+
+
+@pytest.mark.parametrize("similarity, which", [
+    ("ncc", "fixed"), ("ncc", "moving"), ("ncc", "both"), ("mse", "both")])
+def test_masked_inner_energy_equals_the_masked_energy_with_its_gradient(similarity,
+                                                                        which):
+    moving, fixed, disp = case((7, 8, 9), seed=7)
+    fixed_mask, moving_mask = masks((7, 8, 9), seed=9)
+    fixed_mask = fixed_mask if which in ("fixed", "both") else None
+    moving_mask = moving_mask if which in ("moving", "both") else None
+    kwargs = dict(reg_weight=0.7, similarity=similarity, window=5, penalty="l2",
+                  fixed_mask=fixed_mask, moving_mask=moving_mask)
+    inner = _inner_energy_fn(moving, fixed, 0.7, similarity, 5, "l2", fixed_mask,
+                             moving_mask)
+    plain = lambda d: registration_energy(moving, fixed, d, **kwargs)
+    np.testing.assert_allclose(inner(disp), plain(disp), rtol=1e-6)
+    want = jax.grad(plain)(disp)
+    got = jax.grad(inner)(disp)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.max(np.abs(want)))
+
+    # Against float64 NumPy: the energy, and its central differences with the
+    # weights held at those of ``disp`` (the warped moving mask is not
+    # differentiated).
+    weights = np.ones((7, 8, 9)) if fixed_mask is None else fixed_mask.astype(np.float64)
+    if moving_mask is not None:
+        weights = weights * np_warp(moving_mask, disp)
+
+    def np_energy(d, w=weights):
+        warped = np_warp(moving, d)
+        data = (-np_ncc(fixed, warped, 5, weights=w) if similarity == "ncc" else
+                np.sum(w * (fixed - warped) ** 2) / np.sum(w))
+        return data + 0.7 * np_grad_loss(d)
+
+    np.testing.assert_allclose(plain(disp), np_energy(disp), rtol=1e-5)
+    points = some_points(disp.shape, 6, seed=10)
+    fd = finite_differences(np_energy, disp, points, step=1e-4)
+    np.testing.assert_allclose(np.asarray(got)[tuple(np.array(points).T)], fd,
+                               rtol=2e-3, atol=2e-3 * np.max(np.abs(fd)))

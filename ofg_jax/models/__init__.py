@@ -11,16 +11,33 @@ A new network is one module with a ``RegistrationNetwork`` subclass and one line
 in :data:`NETWORKS`.
 """
 
-from ofg_jax.models.base import RegistrationNetwork
-from ofg_jax.models.conv import conv3d
-from ofg_jax.models.integrate import integrate_velocity
-from ofg_jax.models.layers import Conv3D
-from ofg_jax.models.registry import NAMES, NETWORKS, create, options
-from ofg_jax.models.torch_weights import from_torch, to_torch
-from ofg_jax.models.transmorph import TransMorph
-from ofg_jax.models.vitvnet import ViTVNet
-from ofg_jax.models.voxelmorph import VoxelMorph
+import importlib
+
+# Public name -> the submodule that defines it, imported on first use (PEP 562):
+# the registration with no network imports ``models.integrate`` and
+# ``models.resample`` without the networks (and flax).
+_SOURCES = {
+    "NAMES": "registry", "NETWORKS": "registry", "create": "registry",
+    "options": "registry", "Conv3D": "layers", "RegistrationNetwork": "base",
+    "TransMorph": "transmorph", "ViTVNet": "vitvnet", "VoxelMorph": "voxelmorph",
+    "conv3d": "conv", "from_torch": "torch_weights", "to_torch": "torch_weights",
+    "integrate_velocity": "integrate",
+}
 
 __all__ = ["NAMES", "NETWORKS", "Conv3D", "RegistrationNetwork", "TransMorph", "ViTVNet",
            "VoxelMorph", "conv3d", "create", "from_torch", "integrate_velocity", "options",
            "to_torch"]
+
+
+def __getattr__(name: str):
+    """The public name ``name``, imported from its submodule on first use."""
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The names of the package, the lazily imported ones included."""
+    return sorted(set(globals()) | set(__all__))
