@@ -178,14 +178,13 @@ def _optimize(moving, fixed, fixed_mask, moving_mask, settings):
     """The field of ``settings`` and its outputs (the energy with its weight,
     window and masks), and the energy of the identity."""
     options = settings.options()
-    diffeomorphic = options.pop("diffeomorphic")
     options.update(fixed_mask=fixed_mask, moving_mask=moving_mask)
     outputs = {}
-    if diffeomorphic:
+    if options.pop("diffeomorphic"):
         outputs["velocity"] = optimize_velocity(moving, fixed, **options)
         disp = integrate_velocity(outputs["velocity"][None], settings.int_steps)[0]
     else:
-        disp = optimize_displacement(moving, fixed, **options)
+        disp = optimize_displacement(moving, fixed, diffeomorphic=False, **options)
     energy = functools.partial(_field_outputs, moving, fixed,
                                reg_weight=settings.reg_weight,
                                similarity=settings.similarity, window=settings.window,

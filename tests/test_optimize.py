@@ -159,3 +159,19 @@ def test_invalid_options_are_named(options, message):
     image = np.zeros((8, 8, 8), np.float32)
     with pytest.raises(ValueError, match=message):
         optimize_displacement(image, image, **options)
+
+
+@pytest.mark.parametrize("diffeomorphic", [False, True])
+def test_optimize_arrays_runs_the_mode_of_its_settings(diffeomorphic):
+    """``grid_registration.optimize_arrays`` (the command's path) computes what the
+    library function computes for the same settings, in either mode."""
+    from ofg_jax.grid_registration import optimize_arrays
+    from ofg_jax.options import OptimizeSettings
+    moving, fixed = smooth_image((16, 20, 12), 9), smooth_image((16, 20, 12), 10)
+    settings = OptimizeSettings(levels=(2, 1), steps=(4, 2), diffeomorphic=diffeomorphic)
+    got = optimize_arrays(settings, moving, fixed)["disp"]
+    want = optimize_displacement(moving, fixed, **settings.options())
+    other = optimize_displacement(moving, fixed, **{**settings.options(),
+                                                    "diffeomorphic": not diffeomorphic})
+    assert np.abs(np.asarray(want) - np.asarray(other)).max() > 1e-3  # the modes differ
+    np.testing.assert_allclose(got, want, atol=1e-5)
