@@ -1,0 +1,217 @@
+"""The sweep behind the defaults of registration with no network.
+
+    python -m experiments.registration_tuning --pairs-dir /tmp/brain_pairs \\
+        --data ../shared/data/oasis_subject_160x192x224.npz --out tuning.json
+
+Each setting of :data:`SETTINGS` registers the tuning pairs of
+``experiments/brain_pairs.py`` (``--pairs``, default ``mni_to_subject_2mm``,
+``known_200``, ``known_201``; never the reported ``subject_to_mni`` pairs)
+after the same affine pre-alignment (``ofg_jax.register_affine``, as
+``ofg-register --affine`` runs it, once per pair), on the fixed grid, and is
+scored by ``brain_pairs.score``. The settings are the library's options
+(``ofg_jax.optimize_displacement``) and three other ways to keep a
+displacement from folding, written here as prototypes: its Adam updates
+smoothed by a Gaussian, its gradient smoothed, and FireANTs' greedy
+compositive updates. ``--timing`` also times each setting's compiled
+optimisation (median of 3 calls).
+"""
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+# name -> options of optimize_displacement, or ("prototype", name, options).
+SETTINGS = {
+    "former default (displacement, Grad 2)":
+        dict(diffeomorphic=False, steps=(100, 50, 20), learning_rate=0.2, reg_weight=2.0),
+    "displacement, Grad 4": dict(diffeomorphic=False, steps=(100, 50, 20),
+                                 learning_rate=0.2, reg_weight=4.0),
+    "displacement, Grad 8": dict(diffeomorphic=False, steps=(100, 50, 20),
+                                 learning_rate=0.2, reg_weight=8.0),
+    "displacement, Grad 16": dict(diffeomorphic=False, steps=(100, 50, 20),
+                                  learning_rate=0.2, reg_weight=16.0),
+    "displacement, updates smoothed (sigma 1)": ("prototype", "smoothed", dict(sigma=1.0)),
+    "displacement, gradient smoothed (sigma 1)":
+        ("prototype", "smoothed", dict(grad_sigma=1.0)),
+    "compositive updates (FireANTs' greedy, sigma 1 and 1, no Grad)":
+        ("prototype", "compositive", dict(sigma=1.0, grad_sigma=1.0)),
+    "former --diffeomorphic (velocity at full resolution, Grad 2)":
+        dict(diffeomorphic=True, velocity_factor=1, steps=(100, 50, 20),
+             learning_rate=0.2, reg_weight=2.0),
+    "velocity twice coarser, Grad 2": dict(diffeomorphic=True, velocity_factor=2,
+                                           steps=(100, 50, 20), learning_rate=0.2,
+                                           reg_weight=2.0),
+    "velocity twice coarser, Grad 1.5": dict(diffeomorphic=True, velocity_factor=2,
+                                             steps=(100, 50, 20), learning_rate=0.2,
+                                             reg_weight=1.5),
+    "velocity twice coarser, 200,100,20, Adam 0.1, Grad 1":
+        dict(diffeomorphic=True, velocity_factor=2, steps=(200, 100, 20),
+             learning_rate=0.1, reg_weight=1.0),
+    "velocity twice coarser, 200,100,40, Adam 0.1, Grad 1":
+        dict(diffeomorphic=True, velocity_factor=2, steps=(200, 100, 40),
+             learning_rate=0.1, reg_weight=1.0),
+    "velocity at full resolution, 200,100,20, Adam 0.1, Grad 1":
+        dict(diffeomorphic=True, velocity_factor=1, steps=(200, 100, 20),
+             learning_rate=0.1, reg_weight=1.0),
+    "velocity at full resolution, 200,100,20, Adam 0.1, Grad 1.5":
+        dict(diffeomorphic=True, velocity_factor=1, steps=(200, 100, 20),
+             learning_rate=0.1, reg_weight=1.5),
+    "velocity 2,2,1, 200,100,20, Adam 0.1, Grad 1.5":
+        dict(diffeomorphic=True, velocity_factor=(2, 2, 1), steps=(200, 100, 20),
+             learning_rate=0.1, reg_weight=1.5),
+    "velocity 2,2,1, 200,100,20, Adam 0.1, Grad 1 (default)": {},
+}
+TUNING_PAIRS = ("mni_to_subject_2mm", "known_200", "known_201")
+
+
+def _blur(field, sigma: float):
+    """``(*S, C)`` Gaussian blur (truncated at 2.5 sigma) along each spatial axis,
+    edges repeated."""
+    import jax
+    import jax.numpy as jnp
+    radius = max(1, int(np.ceil(2.5 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = taps / taps.sum()
+    for axis in range(field.ndim - 1):
+        pad = [(0, 0)] * field.ndim
+        pad[axis] = (radius, radius)
+        padded = jnp.pad(field, pad, mode="edge")
+        n = field.shape[axis]
+        field = sum(float(w) * jax.lax.slice_in_dim(padded, i, i + n, axis=axis)
+                    for i, w in enumerate(taps))
+    return field
+
+
+def _prototype(kind: str, sigma: float = 0.0, grad_sigma: float = 0.0
+               ) -> Callable[[Any, Any], Any]:
+    """``(moving, fixed) -> disp``: the displacement by Adam (0.2) on -NCC (window
+    5) over levels 4,2,1 x 100,50,20 (+ Grad 2 for ``smoothed``), its gradient
+    and / or update smoothed; ``compositive``: each update composed with the
+    field (``u <- d + u(x + d)``) instead of added."""
+    import jax
+    import jax.numpy as jnp
+    from ofg_jax.ncc import ncc_gradient_to
+    from ofg_jax.optim import torch_adam
+    from ofg_jax.optimize import _coarse_to_fine
+    from ofg_jax.regularizers import grad_loss_gradient
+    from ofg_jax.warp import warp, warp_and_slopes
+
+    def level(moving, fixed, start, count, *_):
+        ncc_gradient = ncc_gradient_to(fixed, window=5)
+        opt = torch_adam(0.2, amsgrad=False)
+
+        def gradient(disp):
+            warped, slopes = warp_and_slopes(moving, disp)
+            g = -ncc_gradient(warped, None)
+            g = jnp.stack([g * slope for slope in slopes], -1)
+            if kind == "smoothed":
+                g = g + 2.0 * grad_loss_gradient(disp)
+            return _blur(g, grad_sigma) if grad_sigma else g
+
+        def step(_, carry):
+            disp, state = carry
+            update, state = opt.update(gradient(disp), state, disp)
+            update = _blur(update, sigma) if sigma else update
+            if kind == "compositive":
+                return update + warp(disp, update), state
+            return disp + update, state
+
+        return jax.lax.fori_loop(0, count, step, (start, opt.init(start)))[0]
+
+    return lambda moving, fixed: _coarse_to_fine(moving, fixed, (4, 2, 1), (100, 50, 20),
+                                                 level)
+
+
+def prepare(folder: str) -> dict[str, Any]:
+    """The pair's fixed image and its moving image through the affine, on the
+    fixed grid (the command's affine and resampling)."""
+    import nibabel as nib
+    from scipy import ndimage
+    from ofg_jax import affine as affine_lib
+    from ofg_jax import geometry
+    fixed, moving = (nib.load(os.path.join(folder, f"{role}.nii.gz"))
+                     for role in ("fixed", "moving"))
+    fixed_array = np.asarray(fixed.dataobj, np.float32)
+    moving_array = np.asarray(moving.dataobj, np.float32)
+    matrix = affine_lib.register_affine(moving_array, fixed_array,
+                                        moving_affine=moving.affine,
+                                        fixed_affine=fixed.affine)
+    grid = geometry.grid_of(fixed)
+    ratio = float(np.min(grid.spacing)) / np.asarray(moving.header.get_zooms()[:3])
+    sigma = np.maximum(ratio - 1.0, 0.0) / 2.0
+    if np.any(sigma > 0.1):  # as the command smooths onto a coarser grid
+        moving_array = ndimage.gaussian_filter(moving_array, sigma)
+    return {"moving": np.asarray(geometry.resample(moving_array, moving.affine, grid,
+                                                   matrix=matrix)),
+            "fixed": fixed_array, "matrix": matrix, "affine": fixed.affine}
+
+
+def run(setting, pair: dict[str, Any], folder: str, timing: bool) -> dict[str, float]:
+    """The scores (and seconds) of one setting on one prepared pair."""
+    import jax
+    from experiments import brain_pairs
+    from ofg_jax import geometry
+    from ofg_jax.optimize import optimize_displacement
+    if isinstance(setting, tuple):
+        fn = _prototype(setting[1], **setting[2])
+    else:
+        fn = lambda m, f, options=setting: optimize_displacement(m, f, **options)
+    compiled = jax.jit(fn)
+    disp = np.asarray(compiled(pair["moving"], pair["fixed"]))
+    field = ((disp @ pair["affine"][:3, :3].T) * geometry.RAS_TO_LPS).astype(np.float32)
+    scores = brain_pairs.score(folder, field, pair["matrix"])
+    if timing:
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(pair["moving"], pair["fixed"]))
+            seconds.append(time.perf_counter() - start)
+        scores["optimisation_seconds"] = float(np.median(seconds))
+    return scores
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs-dir", required=True)
+    parser.add_argument("--data", help="the subject's .npz, to build missing pairs")
+    parser.add_argument("--pairs", default=",".join(TUNING_PAIRS))
+    parser.add_argument("--settings", help="names of SETTINGS, '|'-separated; "
+                        "default: all")
+    parser.add_argument("--timing", action="store_true")
+    parser.add_argument("--out", required=True, help="JSON of the results")
+    args = parser.parse_args(argv)
+    from experiments import brain_pairs
+    names = args.pairs.split(",")
+    if any(name.startswith("subject_to_mni") for name in names):
+        parser.error("the subject_to_mni pairs are the reported ones, not for tuning")
+    missing = [n for n in names if not os.path.isdir(os.path.join(args.pairs_dir, n))]
+    if missing:
+        if not args.data:
+            parser.error(f"pairs {missing} are not in {args.pairs_dir}; give --data")
+        brain_pairs.make_pairs(args.data, args.pairs_dir, missing)
+    chosen = args.settings.split("|") if args.settings else list(SETTINGS)
+    unknown = [c for c in chosen if c not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}")
+    rows = []
+    for name in names:
+        folder = os.path.join(args.pairs_dir, name)
+        pair = prepare(folder)
+        for setting in chosen:
+            scores = run(SETTINGS[setting], pair, folder, args.timing)
+            rows.append({"setting": setting, "pair": name, **scores})
+            print(f"{name:20s} {setting}: Dice {scores['dice']:.4f}, "
+                  f"{scores['det_le0_brain_pct']:.4f} % det <= 0"
+                  + (f", error {scores['error_mm']:.2f} mm" if "error_mm" in scores
+                     else ""), flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                   "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
