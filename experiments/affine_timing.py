@@ -21,7 +21,7 @@ from scipy.spatial.transform import Rotation
 
 from experiments.timing import device_description
 from experiments.timing import parse_shape
-from ofg_jax import geometry
+from ofg_jax.registration import geometry
 from ofg_jax import register_affine
 from ofg_jax.data import phantom
 

@@ -83,7 +83,7 @@ def jax_config(model_name: str, mode: str, inner_steps: int, batch: int,
     ``overrides``: ``"KEY=VALUE"`` strings as ``--config.KEY=VALUE`` of
     ``ofg_jax.main`` (e.g. ``"model.window_size=(2,2,2)"``, ``"train.remat=True"``).
     """
-    from ofg_jax import config as config_lib
+    from ofg_jax.settings import config as config_lib
     config = config_lib.load(DEFAULT_CONFIG, [f"model.name={model_name}", *overrides])
     return config_lib.with_overrides(config, {
         "train.mode": mode, "train.batch_size": batch,
@@ -92,7 +92,7 @@ def jax_config(model_name: str, mode: str, inner_steps: int, batch: int,
 
 def model_options(model_name: str, overrides: Sequence[str] = ()) -> dict:
     """The network options (``model.*`` but the name) that ``overrides`` give."""
-    from ofg_jax import config as config_lib
+    from ofg_jax.settings import config as config_lib
     return config_lib.model_options(jax_config(model_name, "ofg", 1, 1, overrides))
 
 
@@ -102,9 +102,9 @@ def run_jax(model_name: str, overrides: Sequence[str], shape, batch: int,
     """Times the jitted ``ofg_jax`` train steps, ``refine`` and the forward pass."""
     import jax
     import jax.numpy as jnp
-    from ofg_jax import config as config_lib
+    from ofg_jax.settings import config as config_lib
     from ofg_jax import refine
-    from ofg_jax.train_step import create_train_state
+    from ofg_jax.training.step import create_train_state
 
     device = jax.devices()[0]
     moving, fixed = (jax.device_put(x) for x in synthetic_batch(shape, batch))

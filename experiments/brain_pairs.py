@@ -47,7 +47,7 @@ KNOWN = {"known_200": 8.0, "known_201": 10.0}  # seed -> mean displacement, mm
 
 def subject(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(image float32, tissue labels int16, 1 mm LIA affine)`` of the subject."""
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     data = np.load(path)
     image = np.asarray(data["vol"], np.float32)
     codes = np.rint(data["seg"]).astype(np.int32)
@@ -140,7 +140,7 @@ def score(folder: str, field_lps: Optional[np.ndarray], matrix: Optional[np.ndar
     brain, and for a known answer the mean error over the brain (mm)."""
     import jax.numpy as jnp
     import nibabel as nib
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     from ofg_jax import metrics
     fixed = nib.load(os.path.join(folder, "fixed.nii.gz"))
     moving = nib.load(os.path.join(folder, "moving_seg.nii.gz"))

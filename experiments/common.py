@@ -1,7 +1,7 @@
 """Shared code of the paper's comparisons and ablations (``python -m experiments.X``).
 
 Every experiment builds a list of :class:`Run` (a label, config overrides and a
-seed), trains each with ``ofg_jax.train.train_and_evaluate`` through
+seed), trains each with ``ofg_jax.training.loop.train_and_evaluate`` through
 :func:`run_all`, aggregates the metrics over seeds and writes
 ``<workdir>/<experiment>.json`` (everything) and ``<workdir>/<experiment>.md`` (the
 table, mean ± sample std over seeds), and prints the table.
@@ -16,7 +16,7 @@ Command line shared by all experiments (:func:`make_parser`):
 
 ``--set KEY=VALUE`` is ``--config.KEY=VALUE`` of ``python -m ofg_jax.main``: the
 same keys (the network's options among them), parsed the same way
-(``ofg_jax.config.load``).
+(``ofg_jax.settings.config.load``).
 
 Runs are stored under ``<workdir>/runs/<hash of the full config>``: a run whose
 ``summary.json`` exists is not trained again, so experiments sharing a workdir
@@ -75,7 +75,7 @@ def float_list(text: str) -> list[float]:
 
 def base_config(args: argparse.Namespace):
     """The experiment's base config: ``--config`` with the ``--set`` overrides."""
-    from ofg_jax import config as config_lib
+    from ofg_jax.settings import config as config_lib
     return config_lib.load(args.config, args.set)
 
 
@@ -120,7 +120,7 @@ class Run:
 
 
 def run_config(base, run: Run):
-    from ofg_jax import config as config_lib
+    from ofg_jax.settings import config as config_lib
     return config_lib.with_overrides(base, {**run.overrides, "seed": int(run.seed)})
 
 
@@ -137,7 +137,7 @@ def train_run(base, run: Run, workdir: str,
     and the metrics ``dice``, ``non_pos_jacobian_pct`` (final), ``identity_dice``
     and ``seconds_per_step`` (training only).
     """
-    from ofg_jax import train  # pylint: disable=g-import-not-at-top
+    from ofg_jax.training import loop  # pylint: disable=g-import-not-at-top
     config = run_config(base, run)
     directory = run_dir(workdir, config)
     summary_path = os.path.join(directory, "summary.json")
@@ -147,7 +147,7 @@ def train_run(base, run: Run, workdir: str,
             summary = json.load(f)
     else:
         log(f"[{run.label} seed {run.seed}] training in {directory}")
-        summary = (train_fn or train.train_and_evaluate)(config, directory)
+        summary = (train_fn or loop.train_and_evaluate)(config, directory)
     return make_record(run, directory, summary)
 
 
@@ -182,7 +182,7 @@ def timed_step_seconds(base, settings: dict[str, dict[str, Any]], repeats: int,
     trained at different times, the ratios are not skewed by the machine's load.
     """
     import jax  # pylint: disable=g-import-not-at-top
-    from ofg_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    from ofg_jax.settings import config as config_lib  # pylint: disable=g-import-not-at-top
     from ofg_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     img_size = tuple(data_lib.create(base.data, base.seed).img_size)
     moving, fixed = synthetic_batch(img_size, base.train.batch_size)

@@ -9,7 +9,7 @@
 #   0. environment: missing Python packages from carried wheels (.whl/), nvidia-smi,
 #      the devices JAX and PyTorch see;
 #   a. the GPU-relevant tests: warp, NCC, refine, the conv layer and the networks
-#      against their references (tests/test_{warp,ncc,refine,conv,torch_networks}.py);
+#      against their references (tests/test_{warp,ncc,refine}.py, tests/models/test_{conv,torch_networks}.py);
 #   b. experiments/benchmark.py for voxelmorph, vitvnet, transmorph: JAX float32
 #      against PyTorch eager (all four functions), peak device memory;
 #   c. a 300-step OFG training of VoxelMorph on synthetic phantoms written as an
@@ -105,8 +105,8 @@ EOF
 # a. Tests: the parity checks that run on the device.
 stage tests 60 $PY -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
     ${TEST_ARGS[@]+"${TEST_ARGS[@]}"} \
-    tests/test_warp.py tests/test_ncc.py tests/test_refine.py tests/test_conv.py \
-    tests/test_torch_networks.py
+    tests/test_warp.py tests/test_ncc.py tests/test_refine.py tests/models/test_conv.py \
+    tests/models/test_torch_networks.py
 
 # b. Benchmark, float32: JAX against PyTorch eager, every function.
 stage benchmark_f32 120 $PY -m experiments.benchmark --shape "$SHAPE" \

@@ -36,9 +36,9 @@ def _abstract_inputs(model_name, shape, function, inner_steps, overrides):
     import jax
     import jax.numpy as jnp
     from experiments import benchmark
-    from ofg_jax import config as config_lib
+    from ofg_jax.settings import config as config_lib
     from ofg_jax import refine
-    from ofg_jax.train_step import create_train_state, make_train_step
+    from ofg_jax.training.step import create_train_state, make_train_step
 
     batch = {k: jax.ShapeDtypeStruct((1, *shape), jnp.float32) for k in ("moving", "fixed")}
     if function == "refine":

@@ -59,7 +59,7 @@ FILES = ("moving", "fixed", "moving_seg", "fixed_seg")
 
 def load_subject(path: str):
     """``(volume float32, labels int32, 1 mm LIA affine centred on 0)``."""
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     data = np.load(path)
     volume = np.asarray(data["vol"], np.float32)
     return (volume, np.rint(data["seg"]).astype(np.int32),
@@ -73,7 +73,7 @@ def _deformation(rng, volume, labels, affine, magnitude_mm):
     negation, scaled to a mean displacement of ``magnitude_mm`` over the brain."""
     import jax.numpy as jnp
     from scipy import ndimage
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     from ofg_jax.models.integrate import integrate_velocity
     shape = tuple(n // 4 for n in volume.shape)
     grid = geometry.centred_grid(shape, (4.0,) * 3, "LIA",
@@ -94,7 +94,7 @@ def make_pair(subject, seed: int, magnitude_mm: float, noise: float = 0.01
     import jax.numpy as jnp
     from scipy import ndimage
     from scipy.spatial.transform import Rotation
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     from ofg_jax.warp import sample
     volume, labels, affine = subject
     rng = np.random.default_rng(seed)
@@ -157,7 +157,7 @@ def score(folder: str, field_lps: Optional[np.ndarray], matrix: Optional[np.ndar
     transform ``p -> matrix @ (p + field(p))`` (None: zero field / identity)."""
     import jax.numpy as jnp
     import nibabel as nib
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     from ofg_jax import metrics
     fixed = nib.load(os.path.join(folder, "fixed.nii.gz"))
     affine, shape = fixed.affine, fixed.shape
@@ -189,7 +189,7 @@ def score(folder: str, field_lps: Optional[np.ndarray], matrix: Optional[np.ndar
 def truth_field(folder: str) -> np.ndarray:
     """The known answer as an ITK field on the fixed grid (LPS mm)."""
     import nibabel as nib
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     fixed = nib.load(os.path.join(folder, "fixed.nii.gz"))
     voxels = np.stack(np.meshgrid(*[np.arange(n) for n in fixed.shape],
                                   indexing="ij"), -1)
@@ -284,8 +284,8 @@ METHODS = (("ofg_jax (default)", "ours", ()),
 def run_method(label: str, kind: str, options, paths, pair_dir: str, work: str,
                ants_python: str) -> dict[str, Any]:
     """Registers one pair by one method and scores its transform."""
-    from ofg_jax import geometry
-    from ofg_jax import transforms
+    from ofg_jax.registration import geometry
+    from ofg_jax.registration import transforms
     out = os.path.join(pair_dir, re.sub(r"\W+", "_", label).strip("_"))
     load = os.getloadavg()[0]
     if kind == "ours":
@@ -307,9 +307,9 @@ def tuning_pairs(subject, folder: str):
     """The tuning pairs (written into ``folder``) after the affine pre-alignment, as
     ``register`` prepares them: ``(folder, moving on the fixed grid, fixed volume,
     matrix)``."""
-    from ofg_jax import affine as affine_lib
-    from ofg_jax import registration
-    from ofg_jax.transforms import Volume
+    from ofg_jax.registration import affine as affine_lib
+    from ofg_jax.registration import scans
+    from ofg_jax.registration.transforms import Volume
     prepared = []
     for seed, magnitude in zip(TUNING_SEEDS, MAGNITUDES_MM):
         pair = make_pair(subject, seed, magnitude)
@@ -319,7 +319,7 @@ def tuning_pairs(subject, folder: str):
         matrix = affine_lib.register_affine(moving.array, fixed.array,
                                             moving_affine=moving.affine,
                                             fixed_affine=fixed.affine)
-        prepared.append((pair_dir, registration._resampled(moving, fixed.grid, matrix),
+        prepared.append((pair_dir, scans._resampled(moving, fixed.grid, matrix),
                          fixed, matrix))
     return prepared
 
@@ -351,9 +351,9 @@ def tune(subject, grid: Sequence[tuple[dict, bool]], folder: str
          ) -> list[dict[str, Any]]:
     """The scores and compiled seconds of each setting on the tuning pairs."""
     import jax
-    from ofg_jax import transforms
-    from ofg_jax.compile_time import compile_ahead
-    from ofg_jax.grid_registration import _optimize
+    from ofg_jax.registration import transforms
+    from ofg_jax.registration.compile_time import compile_ahead
+    from ofg_jax.registration.arrays import _optimize
     from ofg_jax.optimize import OptimizeSettings
     prepared = tuning_pairs(subject, folder)
     rows = []

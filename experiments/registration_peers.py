@@ -320,12 +320,12 @@ def load_transform(tool: Tool, out: str, pair_dir: str
     ofg_jax's ``transform.nii.gz`` and ``affine.mat``; a peer's whole transform,
     its ITK displacement field ``field.nii.gz`` (no matrix)."""
     if tool.is_ofg:
-        from ofg_jax import transforms
+        from ofg_jax.registration import transforms
         transform = transforms.load_transform(out)
         return on_fixed_grid(transform.field_lps, transform.field_image,
                              os.path.join(out, "transform.nii.gz"),
                              pair_dir), transform.matrix
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     path = os.path.join(out, FIELD_FILE)
     field, image = geometry.read_itk_displacement(path)
     return on_fixed_grid(field, image, path, pair_dir), None
@@ -334,7 +334,7 @@ def load_transform(tool: Tool, out: str, pair_dir: str
 def points_to_field(points_ras: np.ndarray, fixed_affine: np.ndarray) -> np.ndarray:
     """The ITK field (LPS mm) of a dense map: the moving world point (RAS mm) of
     each fixed voxel (``truth.npy``)."""
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     shape = points_ras.shape[:3]
     voxels = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
     return ((points_ras - geometry.apply_affine(fixed_affine, voxels))
@@ -348,7 +348,7 @@ def warped_agreement(pair_dir: str, field: np.ndarray, matrix: Optional[np.ndarr
     converted transform: close to 1 when the conversion is right (None when the
     tool wrote no such image)."""
     import nibabel as nib
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     if not os.path.isfile(warped_path):
         return None
     moving = nib.load(os.path.join(pair_dir, "moving.nii.gz"))

@@ -95,7 +95,7 @@ def _prototype(kind: str, sigma: float = 0.0, grad_sigma: float = 0.0
     import jax
     import jax.numpy as jnp
     from ofg_jax.ncc import ncc_gradient_to
-    from ofg_jax.optim import torch_adam
+    from ofg_jax.adam import torch_adam
     from ofg_jax.optimize import _coarse_to_fine
     from ofg_jax.regularizers import grad_loss_gradient
     from ofg_jax.warp import warp, warp_and_slopes
@@ -131,8 +131,8 @@ def prepare(folder: str) -> dict[str, Any]:
     fixed grid (the command's affine and resampling)."""
     import nibabel as nib
     from scipy import ndimage
-    from ofg_jax import affine as affine_lib
-    from ofg_jax import geometry
+    from ofg_jax.registration import affine as affine_lib
+    from ofg_jax.registration import geometry
     fixed, moving = (nib.load(os.path.join(folder, f"{role}.nii.gz"))
                      for role in ("fixed", "moving"))
     fixed_array = np.asarray(fixed.dataobj, np.float32)
@@ -154,7 +154,7 @@ def run(setting, pair: dict[str, Any], folder: str, timing: bool) -> dict[str, f
     """The scores (and seconds) of one setting on one prepared pair."""
     import jax
     from experiments import brain_pairs
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     from ofg_jax.optimize import optimize_displacement
     if isinstance(setting, tuple):
         fn = _prototype(setting[1], **setting[2])

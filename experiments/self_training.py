@@ -14,7 +14,7 @@ rate) turns the prediction into a pseudo label; the stage then trains on
 ``MSE(pred, label) + 0.02 * Grad(pred)`` with those labels fixed. OFG computes the
 label anew at every step instead. Same network, optimiser, learning-rate decay,
 epochs and data as the OFG and unsupervised rows; all three are trained by
-``ofg_jax.train.train_and_evaluate`` (self-training with its ``pseudo_labels``
+``ofg_jax.training.loop.train_and_evaluate`` (self-training with its ``pseudo_labels``
 hook: the train step regresses on the stage's labels instead of refining).
 
 Pseudo labels are kept on disk (``<run>/labels/stage_<s>/``), so full-size data
@@ -35,7 +35,7 @@ NAME = "self_training"
 
 
 class StagePseudoLabels:
-    """Pseudo labels fixed per stage (``ofg_jax.train.PseudoLabels``).
+    """Pseudo labels fixed per stage (``ofg_jax.training.loop.PseudoLabels``).
 
     At the first epoch of stage ``s`` the network predicts every training item of
     the stage's epochs, and the run's inner optimiser (``label_steps`` steps at
@@ -46,10 +46,10 @@ class StagePseudoLabels:
 
     def __init__(self, config, workdir: str, stages: int, label_steps: int):
         import jax
-        from ofg_jax import config as config_lib
+        from ofg_jax.settings import config as config_lib
         from ofg_jax import data as data_lib
-        from ofg_jax.inference import predict
-        from ofg_jax.refiner import RefineSettings, make_refiner
+        from ofg_jax.registration.network import predict
+        from ofg_jax.settings.inner_optimizer import RefineSettings, make_refiner
         from ofg_jax.schedules import epoch_lr_table
 
         epochs = config.train.epochs
@@ -102,10 +102,10 @@ def train_self_training(config, workdir: str, stages: int,
     """Trains with stage-wise pseudo labels; returns the run's ``summary.json``
     (``train_and_evaluate``'s, plus ``stages``: the validation Dice at the end of
     each stage, and ``label_steps``)."""
-    from ofg_jax import train
+    from ofg_jax.training import loop
     label_steps = config.ofg.steps if label_steps is None else label_steps
     labels = StagePseudoLabels(config, workdir, stages, label_steps)
-    summary = train.train_and_evaluate(config, workdir, pseudo_labels=labels)
+    summary = loop.train_and_evaluate(config, workdir, pseudo_labels=labels)
     with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
         dice = {int(row["step"]): float(row["dice"]) for row in csv.DictReader(f)
                 if row["split"] == "val"}

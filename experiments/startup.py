@@ -15,7 +15,7 @@ median of ``--repeats`` runs after one that is not counted:
   segmentations, the compilation cache in ``DIR/cache`` (filled by the first
   run): the whole process, and inside it each phase, timed around the functions
   that do it, with the seconds of compiling programs or loading them from the
-  cache (``ofg_jax.compile_time``).
+  cache (``ofg_jax.registration.compile_time``).
 
 The imports are timed by importing, before the command runs, the modules that
 optimisation alone imports.
@@ -34,25 +34,26 @@ import time
 from typing import Optional, Sequence
 
 # What optimisation alone imports (the command imports them once its checks pass).
-MODULES = ("ofg_jax.register", "ofg_jax.pair_files", "ofg_jax.registration",
-           "ofg_jax.grid_registration", "ofg_jax.affine", "ofg_jax.transforms",
-           "ofg_jax.geometry", "ofg_jax.nifti", "ofg_jax.compile_time",
+MODULES = ("ofg_jax.register", "ofg_jax.registration.pairs", "ofg_jax.registration.scans",
+           "ofg_jax.registration.arrays", "ofg_jax.registration.affine",
+           "ofg_jax.registration.transforms", "ofg_jax.registration.geometry", "ofg_jax.nifti",
+           "ofg_jax.registration.compile_time",
            "jax.experimental.compilation_cache.compilation_cache")
 # (module, function, phase): the functions timed in the warm run, by the module
 # that defines them (every module's name for them is replaced).
 PHASES = (
-    ("ofg_jax.pair_files", "check_headers", "header checks"),
-    ("ofg_jax.transforms", "read_volume", "read the scans"),
-    ("ofg_jax.registration", "_resampled", "resample onto the working grid"),
-    ("ofg_jax.affine", "register_affine", "affine"),
-    ("ofg_jax.grid_registration", "optimize_arrays", "deformable optimisation"),
-    ("ofg_jax.transforms", "field_transform", "transform, warp, Jacobian, Dice"),
-    ("ofg_jax.transforms", "apply_transform", "transform, warp, Jacobian, Dice"),
-    ("ofg_jax.transforms", "jacobian_on_grid", "transform, warp, Jacobian, Dice"),
-    ("ofg_jax.grid_registration", "dice_scores", "transform, warp, Jacobian, Dice"),
+    ("ofg_jax.registration.pairs", "check_headers", "header checks"),
+    ("ofg_jax.registration.transforms", "read_volume", "read the scans"),
+    ("ofg_jax.registration.scans", "_resampled", "resample onto the working grid"),
+    ("ofg_jax.registration.affine", "register_affine", "affine"),
+    ("ofg_jax.registration.arrays", "optimize_arrays", "deformable optimisation"),
+    ("ofg_jax.registration.transforms", "field_transform", "transform, warp, Jacobian, Dice"),
+    ("ofg_jax.registration.transforms", "apply_transform", "transform, warp, Jacobian, Dice"),
+    ("ofg_jax.registration.transforms", "jacobian_on_grid", "transform, warp, Jacobian, Dice"),
+    ("ofg_jax.registration.arrays", "dice_scores", "transform, warp, Jacobian, Dice"),
     ("ofg_jax.nifti", "write_like", "write the outputs"),
-    ("ofg_jax.geometry", "write_itk_displacement", "write the outputs"),
-    ("ofg_jax.geometry", "write_itk_affine", "write the outputs"),
+    ("ofg_jax.registration.geometry", "write_itk_displacement", "write the outputs"),
+    ("ofg_jax.registration.geometry", "write_itk_affine", "write the outputs"),
 )
 SHIFT_MM = (3.0, -2.0, 4.0)
 
@@ -62,7 +63,7 @@ def write_pair(data: str, folder: str) -> dict[str, str]:
     import nibabel as nib
     import numpy as np
 
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     os.makedirs(folder, exist_ok=True)
     arrays = np.load(data)
     image = np.asarray(arrays["vol"], np.float32)
@@ -96,7 +97,7 @@ def child(argv: Sequence[str], out: str) -> None:
     for name in MODULES:
         importlib.import_module(name)
     imported = time.time()
-    from ofg_jax.compile_time import compile_clock
+    from ofg_jax.registration.compile_time import compile_clock
     seconds, compiling = collections.Counter(), collections.Counter()
 
     def timed(fn, phase):

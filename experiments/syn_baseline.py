@@ -17,7 +17,7 @@ which ITK defines at each fixed-image point ``x`` as the physical vector ``d(x)`
 with the moving point at ``x + d(x)``: ofg_jax's convention, once ``d`` is
 converted from physical to voxel units along the array axes
 (:func:`physical_to_voxel_displacement`). Dice and folding are then computed by
-``ofg_jax.evaluation.pair_metrics``, exactly as for the networks: moving labels
+``ofg_jax.training.scoring.pair_metrics``, exactly as for the networks: moving labels
 warped with nearest neighbour, Dice over the dataset's labels of interest, % of
 voxels with a non-positive Jacobian determinant. ``--seeds N`` repeats the
 registration with ANTs random seeds 0..N-1 (the affine stage samples randomly).
@@ -105,9 +105,9 @@ def evaluate_registration(register: RegisterFn, pairs: Sequence[Any],
     """``(EvalResult, seconds per pair)`` of ``register`` on ``pairs``."""
     import jax
     import jax.numpy as jnp
-    from ofg_jax import evaluation
+    from ofg_jax.training import scoring
     labels = tuple(int(label) for label in labels)
-    metrics_fn = jax.jit(lambda d, ms, fs: evaluation.pair_metrics(d, ms, fs, labels))
+    metrics_fn = jax.jit(lambda d, ms, fs: scoring.pair_metrics(d, ms, fs, labels))
     rows, seconds = [], []
     for pair in pairs:
         start = time.perf_counter()
@@ -121,9 +121,9 @@ def evaluate_registration(register: RegisterFn, pairs: Sequence[Any],
         metrics = jax.device_get(metrics_fn(
             jnp.asarray(disp), jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
-        rows.append(evaluation.pair_row(pair.name, metrics, labels,
+        rows.append(scoring.pair_row(pair.name, metrics, labels,
                                         dice_over=dice_over))
-    return evaluation.EvalResult.from_rows(rows), float(np.mean(seconds))
+    return scoring.EvalResult.from_rows(rows), float(np.mean(seconds))
 
 
 def main(argv: Optional[Sequence[str]] = None,
@@ -137,13 +137,13 @@ def main(argv: Optional[Sequence[str]] = None,
                         help="SyN similarity: mattes (default), CC, meansquares")
     args = common.parse_args(parser, argv)
     from ofg_jax import data as data_lib
-    from ofg_jax import evaluation
+    from ofg_jax.training import scoring
     if register is None:
         register = ants_register_fn(args.type_of_transform, args.syn_metric)
     base = common.base_config(args)
     data = data_lib.create(base.data, base.seed)
     pairs, labels = data.val_pairs(), tuple(int(l) for l in data.labels)
-    identity = evaluation.evaluate(evaluation.make_identity_eval_fn(labels), None,
+    identity = scoring.evaluate(scoring.make_identity_eval_fn(labels), None,
                                    pairs, labels, dice_over=data.dice_over)
     records = [{"label": "identity", "seed": 0, "dice": identity.dice,
                 "non_pos_jacobian_pct": identity.non_pos_jacobian_pct,
@@ -154,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None,
         result, seconds = evaluate_registration(register, pairs, labels, seed,
                                                 data.dice_over)
         csv_path = os.path.join(args.workdir, NAME, f"seed{seed}.csv")
-        evaluation.write_rows(csv_path, result)
+        scoring.write_rows(csv_path, result)
         records.append({"label": label, "seed": seed, "dice": result.dice,
                         "non_pos_jacobian_pct": result.non_pos_jacobian_pct,
                         "seconds_per_pair": seconds, "eval_csv": csv_path})

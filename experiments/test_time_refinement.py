@@ -28,16 +28,16 @@ NAME = "test_time_refinement"
 
 
 def make_register_fn(trained, steps: int, from_zero: bool):
-    """Jitted ``(moving, fixed) -> disp``: the network (``inference.registration_fn``)
+    """Jitted ``(moving, fixed) -> disp``: the network (``network_lib.registration_fn``)
     or a zero field, then ``steps`` steps of the run's inner optimiser at its
     initial learning rate."""
     if not from_zero:
-        from ofg_jax import inference
-        return inference.registration_fn(trained, steps)
+        from ofg_jax.registration import network as network_lib
+        return network_lib.registration_fn(trained, steps)
     import dataclasses
     import jax
     import jax.numpy as jnp
-    from ofg_jax.refiner import RefineSettings, make_refiner
+    from ofg_jax.settings.inner_optimizer import RefineSettings, make_refiner
 
     settings = dataclasses.replace(RefineSettings.from_config(trained.config.ofg),
                                    steps=steps)
@@ -57,8 +57,8 @@ def evaluate_method(register, pairs, labels, dice_over="labels"):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from ofg_jax import evaluation
-    metrics_fn = jax.jit(lambda d, ms, fs: evaluation.pair_metrics(d, ms, fs, labels))
+    from ofg_jax.training import scoring
+    metrics_fn = jax.jit(lambda d, ms, fs: scoring.pair_metrics(d, ms, fs, labels))
     as_f32 = lambda x: jnp.asarray(x, jnp.float32)
     jax.block_until_ready(register(as_f32(pairs[0].moving),
                                    as_f32(pairs[0].fixed)))  # Compilation.
@@ -71,9 +71,9 @@ def evaluate_method(register, pairs, labels, dice_over="labels"):
         metrics = jax.device_get(metrics_fn(
             disp, jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
-        rows.append(evaluation.pair_row(pair.name, metrics, labels,
+        rows.append(scoring.pair_row(pair.name, metrics, labels,
                                         dice_over=dice_over))
-    return evaluation.EvalResult.from_rows(rows), float(np.mean(seconds))
+    return scoring.EvalResult.from_rows(rows), float(np.mean(seconds))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -84,8 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         help="steps of refine from a zero field (default 10,50,100)")
     args = common.parse_args(parser, argv)
     from ofg_jax import data as data_lib
-    from ofg_jax import evaluation
-    from ofg_jax import inference
+    from ofg_jax.training import scoring
+    from ofg_jax.registration import network as network_lib
     base = common.base_config(args)
     trained = common.run_all(
         base, [common.Run("OFG network", {"train.mode": "ofg"}, seed)
@@ -96,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     records = []
     for training in trained:
         seed = training["seed"]
-        network = inference.load_trained(training["workdir"],
+        network = network_lib.load_trained(training["workdir"],
                                          training["summary"]["steps"])
         data = data_lib.create(network.config.data, network.config.seed)
         pairs, labels = data.val_pairs(), tuple(int(l) for l in data.labels)
@@ -107,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 data.dice_over)
             slug = label.split(" (")[0].replace(" + ", "_").replace(" ", "_")
             csv_path = os.path.join(args.workdir, NAME, f"seed{seed}", f"{slug}.csv")
-            evaluation.write_rows(csv_path, result)
+            scoring.write_rows(csv_path, result)
             records.append({
                 "label": label, "seed": seed, "steps": steps, "from_zero": from_zero,
                 "trained_workdir": training["workdir"], "eval_csv": csv_path,

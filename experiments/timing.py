@@ -98,7 +98,7 @@ def reset_peak_rss() -> bool:
     is first given back to the OS (glibc's ``malloc_trim``, as ofg_jax's training
     loop does after compiling), in every framework alike.
     """
-    # Not ofg_jax.host_memory: importing ofg_jax would load JAX into the
+    # Not ofg_jax.training.host_memory: importing ofg_jax would load JAX into the
     # PyTorch processes and count it in their peaks.
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -139,7 +139,7 @@ def device_description() -> str:
 class CompiledStep:
     """One training step of a config on one batch, compiled ahead of time.
 
-    The train state is that of ``ofg_jax.train_step.create_train_state``; a very
+    The train state is that of ``ofg_jax.training.step.create_train_state``; a very
     long epoch keeps both learning rates at their epoch-0 values. Each call runs
     one step (the state is carried from call to call) and blocks on its result.
 
@@ -151,8 +151,8 @@ class CompiledStep:
     """
 
     def __init__(self, config: Any, img_size: Sequence[int], batch: dict[str, Any]):
-        from ofg_jax import config as config_lib
-        from ofg_jax.train_step import create_train_state, make_train_step
+        from ofg_jax.settings import config as config_lib
+        from ofg_jax.training.step import create_train_state, make_train_step
 
         steps_per_epoch = 10 ** 6
         start = time.perf_counter()

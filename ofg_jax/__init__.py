@@ -16,10 +16,10 @@ _SOURCES = {
     "dice_per_label": "metrics", "grad_loss": "regularizers",
     "invert_displacement": "inverse", "jacobian_determinant": "metrics",
     "ncc": "ncc", "ncc_to": "ncc", "non_positive_jacobian_pct": "metrics",
-    "ofg_loss": "losses", "optimize_displacement": "optimize",
+    "ofg_loss": "settings.losses", "optimize_displacement": "optimize",
     "optimize_velocity": "optimize", "poly_lr": "schedules", "refine": "refine",
-    "register_affine": "affine", "registration_energy": "refine", "sample": "warp",
-    "scale_by_torch_adam": "optim", "torch_adam": "optim", "warp": "warp",
+    "register_affine": "registration.affine", "registration_energy": "refine", "sample": "warp",
+    "scale_by_torch_adam": "adam", "torch_adam": "adam", "warp": "warp",
 }
 
 __all__ = [

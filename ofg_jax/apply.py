@@ -22,7 +22,7 @@ import numpy as np
 
 from ofg_jax import cli
 from ofg_jax import nifti
-from ofg_jax import transforms
+from ofg_jax.registration import transforms
 
 INTERPOLATIONS = {"linear": 1, "nearest": 0}
 

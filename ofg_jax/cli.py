@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from absl import flags
 
-from ofg_jax.config import ConfigError
+from ofg_jax.settings.config import ConfigError
 
 EXIT_FAILURE = 1  # Bad inputs, data, workdir, checkpoint or disk; a diverging run.
 EXIT_USAGE = 2  # Bad command line or config.

@@ -40,9 +40,9 @@ import numpy as np
 
 from ofg_jax import cli
 from ofg_jax import data as data_lib
-from ofg_jax import evaluation
-from ofg_jax import figures
-from ofg_jax import inference
+from ofg_jax.training import scoring
+from ofg_jax.registration import figures
+from ofg_jax.registration import network as network_lib
 from ofg_jax.metrics import hd95
 from ofg_jax.warp import warp
 
@@ -57,9 +57,9 @@ def _scores(labels: Sequence[int]):
 
     @jax.jit
     def scores(disp, moving_seg, fixed_seg):
-        identity = evaluation.pair_metrics(jnp.zeros_like(disp), moving_seg, fixed_seg,
+        identity = scoring.pair_metrics(jnp.zeros_like(disp), moving_seg, fixed_seg,
                                            labels)
-        return (evaluation.pair_metrics(disp, moving_seg, fixed_seg, labels),
+        return (scoring.pair_metrics(disp, moving_seg, fixed_seg, labels),
                 warp(moving_seg, disp, order=0), identity)
 
     return scores
@@ -81,10 +81,10 @@ def _register_pairs(pairs, register, scores, labels: Sequence[int], dice_over: s
             disp, jnp.asarray(pair.moving_seg, jnp.int32),
             jnp.asarray(pair.fixed_seg, jnp.int32)))
         present = [l for l, p in zip(labels, metrics["present"]) if p]
-        rows.append(evaluation.pair_row(
+        rows.append(scoring.pair_row(
             pair.name, metrics, labels, dice_over=dice_over,
             hd95=hd95(pair.fixed_seg, warped_seg, present),
-            identity_dice=evaluation.pair_dice(identity["dice"], identity["present"],
+            identity_dice=scoring.pair_dice(identity["dice"], identity["present"],
                                                dice_over),
             seconds=seconds))
         if fields:
@@ -118,7 +118,7 @@ def evaluate_split(workdir: str, *, split: str = "test", checkpoint: Any = "best
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    trained = inference.load_trained(workdir, checkpoint)
+    trained = network_lib.load_trained(workdir, checkpoint)
     data = data_lib.create(trained.config.data, trained.config.seed)
     if tuple(data.img_size) != tuple(trained.img_size):
         raise ValueError(f"the {split} split of {data.name} is on the grid "
@@ -131,7 +131,7 @@ def evaluate_split(workdir: str, *, split: str = "test", checkpoint: Any = "best
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
     labels = tuple(int(label) for label in data.labels)
-    register = inference.registration_fn(trained, refine_steps)
+    register = network_lib.registration_fn(trained, refine_steps)
     scores = _scores(labels)
 
     # Fields go to a hidden folder first: a failure leaves no half-written fields/.

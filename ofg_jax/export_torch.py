@@ -21,12 +21,12 @@ from typing import Optional, Sequence
 from absl import flags
 
 from ofg_jax import cli
-from ofg_jax import inference
+from ofg_jax.registration import network as network_lib
 from ofg_jax import models
 from ofg_jax.models import torch_weights
 
 
-def export(workdir: str, out: str, checkpoint: inference.Selection = "best") -> str:
+def export(workdir: str, out: str, checkpoint: network_lib.Selection = "best") -> str:
     """Writes ``out`` from the network of ``workdir``; returns a one-line summary.
 
     Raises:
@@ -40,7 +40,7 @@ def export(workdir: str, out: str, checkpoint: inference.Selection = "best") -> 
     folder = os.path.dirname(os.path.abspath(out))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise NotADirectoryError(f"output folder {folder} is a file")
-    trained = inference.load_trained(workdir, checkpoint)
+    trained = network_lib.load_trained(workdir, checkpoint)
     state_dict = models.to_torch(trained.model, trained.variables)
     content = {"state_dict": {key: torch.from_numpy(value)
                               for key, value in state_dict.items()},

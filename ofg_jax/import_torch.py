@@ -38,11 +38,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from ofg_jax import checkpoint as checkpoint_lib
+from ofg_jax.training import checkpoints as checkpoints_lib
 from ofg_jax import cli
-from ofg_jax import config as config_lib
+from ofg_jax.settings import config as config_lib
 from ofg_jax import models
-from ofg_jax import workdir as workdir_lib
+from ofg_jax.training import workdir as workdir_lib
 from ofg_jax.models import torch_weights
 
 
@@ -118,7 +118,7 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
         os.makedirs(partial)
         with open(os.path.join(partial, workdir_lib.CONFIG), "w") as f:
             json.dump(record, f, indent=2)
-        checkpoints = checkpoint_lib.Checkpoints(os.path.join(partial, "checkpoints"),
+        checkpoints = checkpoints_lib.Checkpoints(os.path.join(partial, "checkpoints"),
                                                  config.checkpoint.keep_best)
         try:
             checkpoints.save(0, variables, {"step": 0, "epoch": 0, "best": None})

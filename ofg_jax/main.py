@@ -12,7 +12,7 @@ exit with status 2 (command line, config), 1 (data, workdir, a workdir in use
 by another run, disk, a diverging loss, processes of a ``--distributed`` job
 that did not all connect) or 130 (Ctrl-C or SIGTERM, after writing a
 checkpoint); ``--traceback`` shows the full Python traceback instead. The work
-itself lives in ``ofg_jax.train``; this module only reads the command line.
+itself lives in ``ofg_jax.training.loop``; this module only reads the command line.
 
 With ``--distributed`` the same command runs once per process, for example two
 processes on one machine::
@@ -33,7 +33,7 @@ from absl import flags
 from absl import logging as absl_logging
 
 from ofg_jax import cli
-from ofg_jax import config as config_lib
+from ofg_jax.settings import config as config_lib
 
 _CONFIG = flags.DEFINE_string(
     "config", None,
@@ -130,8 +130,8 @@ def main(argv: Sequence[str]) -> None:
     del argv
     absl_logging.get_absl_handler().addFilter(_quiet_libraries)
     # Imported after flag parsing, so that flag errors are reported at once.
-    from ofg_jax import distributed  # pylint: disable=g-import-not-at-top
-    from ofg_jax import train  # pylint: disable=g-import-not-at-top
+    from ofg_jax.training import distributed  # pylint: disable=g-import-not-at-top
+    from ofg_jax.training import loop  # pylint: disable=g-import-not-at-top
 
     config_file = _CONFIG.value or str(config_lib.DEMO_CONFIG)
     workdir = _WORKDIR.value or os.path.join(
@@ -140,15 +140,15 @@ def main(argv: Sequence[str]) -> None:
         if _DISTRIBUTED.value:
             distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                    _PROCESS_ID.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
-        train.train_and_evaluate(_loaded["config"], workdir,
+        loop.train_and_evaluate(_loaded["config"], workdir,
                                  allow_config_change=_ALLOW_CONFIG_CHANGE.value,
                                  force_evaluate=_FORCE_EVALUATE.value)
-    except cli.EXPECTED_ERRORS + (train.NonFiniteLossError,) as e:
+    except cli.EXPECTED_ERRORS + (loop.NonFiniteLossError,) as e:
         if _TRACEBACK.value:
             raise
         cli.print_error(e)
         sys.exit(cli.exit_status(e))
-    except (train.Interrupted, KeyboardInterrupt) as e:
+    except (loop.Interrupted, KeyboardInterrupt) as e:
         if _TRACEBACK.value:
             raise
         cli.print_error(e if str(e) else "aborted; the last checkpoint is kept")

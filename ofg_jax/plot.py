@@ -6,7 +6,7 @@ writes into ``DIR`` (default ``W/figures``) the training curves of
 ``W/metrics.csv`` and the figures of the run's first validation pair, registered
 by the checkpoint that ``ofg_jax.register`` picks (the best by validation Dice,
 else the latest): ``curves.png``, ``slices.png``, ``grid.png``, ``jacobian.png``
-and ``labels.png`` (see ``ofg_jax.figures``).
+and ``labels.png`` (see ``ofg_jax.registration.figures``).
 """
 
 import os
@@ -17,8 +17,8 @@ from absl import flags
 
 from ofg_jax import cli
 from ofg_jax import data as data_lib
-from ofg_jax import inference
-from ofg_jax import registration
+from ofg_jax.registration import network as network_lib
+from ofg_jax.registration import scans
 
 
 def write_training_figures(workdir: str, out_dir: Optional[str] = None) -> list[str]:
@@ -33,12 +33,12 @@ def write_training_figures(workdir: str, out_dir: Optional[str] = None) -> list[
       FileNotFoundError: a missing workdir, file, checkpoint or training data.
       ValueError: a config whose model or data cannot be rebuilt.
     """
-    trained = inference.load_trained(workdir)
+    trained = network_lib.load_trained(workdir)
     data = data_lib.create(trained.config.data, trained.config.seed)
     pairs = data.val_pairs()
     if not len(pairs):
         raise ValueError(f"the dataset of {workdir} has no validation pair")
-    return registration.write_run_figures(
+    return scans.write_run_figures(
         out_dir or os.path.join(workdir, "figures"), trained, pairs[0], data.labels,
         os.path.join(workdir, "metrics.csv"),
         title=os.path.basename(os.path.abspath(workdir)))

@@ -14,7 +14,7 @@ import optax
 
 from ofg_jax._shapes import check_disp, check_same_spatial
 from ofg_jax.ncc import masked_mean, ncc_gradient_to, ncc_to
-from ofg_jax.optim import torch_adam
+from ofg_jax.adam import torch_adam
 from ofg_jax.options import OPTIMIZERS, SIMILARITIES
 from ofg_jax.regularizers import grad_loss, grad_loss_gradient
 from ofg_jax.resolution import block_mean

@@ -36,7 +36,7 @@ Dice is the mean over the labels present in the fixed segmentation, 0
 excluded. Other images of the moving subject: ``python -m ofg_jax.apply``.
 From Python: ``ofg_jax.optimize_displacement`` (arrays),
 ``ofg_jax.registration.register_volumes`` (volumes of any geometry) and
-``ofg_jax.inference.load_trained``.
+``ofg_jax.registration.network.load_trained``.
 """
 
 import contextlib
@@ -49,13 +49,13 @@ from typing import Any, Iterator, Optional, Sequence
 from absl import flags
 
 from ofg_jax import cli
-from ofg_jax import config as config_lib
-from ofg_jax import pair_files
+from ofg_jax.settings import config as config_lib
+from ofg_jax.registration import pairs as pairs_lib
 from ofg_jax.options import OPTIMIZERS
 from ofg_jax.options import SIMILARITIES
 from ofg_jax.options import OptimizeSettings
 from ofg_jax.options import check_options
-from ofg_jax.pair_files import PairFiles
+from ofg_jax.registration.pairs import PairFiles
 
 # JAX, and all that runs on it, is imported once every flag and file is checked
 # (_run): a bad command line or input is reported before it, in well under a
@@ -157,12 +157,12 @@ def _pairs_from_flags(fv: flags.FlagValues) -> list[PairFiles]:
     if fv.pairs:
         if any(single):
             raise cli.UsageError("give either --pairs or --moving/--fixed, not both")
-        return pair_files.read_pairs_csv(fv.pairs)
+        return pairs_lib.read_pairs_csv(fv.pairs)
     if not (fv.moving and fv.fixed):
         raise cli.UsageError("--moving and --fixed (or --pairs) are required")
     if fv["fixed-seg"].value and not fv["moving-seg"].value:
         raise cli.UsageError("--fixed-seg needs --moving-seg")
-    return [PairFiles(pair_files.pair_name(fv.moving, fv.fixed), *single)]
+    return [PairFiles(pairs_lib.pair_name(fv.moving, fv.fixed), *single)]
 
 
 def _fov_center(value: Optional[str]) -> Optional[tuple[float, float, float]]:
@@ -304,16 +304,16 @@ def _run(fv: flags.FlagValues) -> None:
     batch = bool(fv.pairs)
     _check_out_dirs(fv.out, [pair.name for pair in pairs] if batch else [])
     for pair in pairs:
-        for line in pair_files.check_headers(pair):
+        for line in pairs_lib.check_headers(pair):
             print(line)
     # Everything is checked that can be without JAX. Import it, and the registration
     # that runs on it, now: a pair's time does not count the imports.
-    from ofg_jax import registration  # noqa: F401  # pylint: disable=g-import-not-at-top
+    from ofg_jax.registration import scans  # noqa: F401  # pylint: disable=g-import-not-at-top
     with persistent_compilation_cache(fv["compilation-cache"].value) as cache_line:
         print(cache_line)
         if fv.workdir:
-            from ofg_jax import inference  # pylint: disable=g-import-not-at-top
-            method = inference.load_trained(fv.workdir, fv.checkpoint)
+            from ofg_jax.registration import network as network_lib  # pylint: disable=g-import-not-at-top
+            method = network_lib.load_trained(fv.workdir, fv.checkpoint)
             print(f"path: trained network of {os.path.abspath(fv.workdir)}")
             print(f"checkpoint: step {method.step} of "
                   f"{os.path.abspath(os.path.join(fv.workdir, 'checkpoints'))} "
@@ -335,10 +335,10 @@ def _run(fv: flags.FlagValues) -> None:
 def _register_pair(fv: flags.FlagValues, method, pair: PairFiles, batch: bool,
                    fov_center) -> dict[str, Any]:
     """Registers one pair, prints its metrics and log; returns its summary row."""
-    from ofg_jax.compile_time import compile_clock  # pylint: disable=g-import-not-at-top
+    from ofg_jax.registration.compile_time import compile_clock  # pylint: disable=g-import-not-at-top
     out_dir = os.path.join(fv.out, pair.name) if batch else fv.out
     with compile_clock() as clock:
-        result = pair_files.register_files(
+        result = pairs_lib.register_files(
             method, pair, out_dir, refine_steps=fv["refine-steps"].value,
             with_figures=fv.figures, affine=fv.affine, inverse=fv.inverse,
             fov_center=fov_center, voxel_size=fv["voxel-size"].value)

@@ -19,7 +19,7 @@ from tests import registration_fixtures  # noqa: E402
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory) -> str:
     """A workdir of the tiny registration config, trained once per session."""
-    from ofg_jax import train
+    from ofg_jax.training import loop
     workdir = str(tmp_path_factory.mktemp("trained"))
-    train.train_and_evaluate(registration_fixtures.tiny_config(), workdir)
+    loop.train_and_evaluate(registration_fixtures.tiny_config(), workdir)
     return workdir

@@ -104,7 +104,7 @@ def render_phantom(shape, affine, world_to_phantom=None, *, blur_mm=3.0):
     world point ``p`` shows the phantom at ``world_to_phantom @ p`` (identity by
     default). Returns ``(image float32, labels int32)``; zero outside the head.
     """
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     from ofg_jax.data import phantom
     anatomy = phantom.Anatomy.draw(np.random.default_rng(0))
     voxels = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
@@ -161,7 +161,7 @@ def smooth_trained(img_size=(16, 16, 32), *, spacing=(6.0, 6.0, 6.0),
                    orientation="RAS", **network_options):
     """An ``inference.Trained`` around :func:`smooth_network`, with the tiny
     config's ``ofg.*`` settings and the given grid geometry."""
-    from ofg_jax.inference import Trained
+    from ofg_jax.registration.network import Trained
     config = tiny_config()
     config.data.img_size = tuple(img_size)
     config.data.spacing = tuple(spacing)
@@ -178,7 +178,7 @@ def write_scans(folder, seed):
     ``second``, another contrast of the moving subject; each with ``*_seg``.
     Returns ``{name: path}``.
     """
-    from ofg_jax import geometry
+    from ofg_jax.registration import geometry
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     grids = {name: geometry.Grid(shape, random_affine(rng, shape))

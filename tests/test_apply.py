@@ -13,10 +13,10 @@ from scipy import ndimage
 
 from ofg_jax import apply
 from ofg_jax import cli
-from ofg_jax import geometry
-from ofg_jax import pair_files
-from ofg_jax import registration
-from ofg_jax import transforms
+from ofg_jax.registration import geometry
+from ofg_jax.registration import pairs
+from ofg_jax.registration import scans as scans_lib
+from ofg_jax.registration import transforms
 from tests import registration_fixtures as fixtures
 
 sitk = pytest.importorskip("SimpleITK")
@@ -36,9 +36,9 @@ def registered(scans, tmp_path_factory):
     """A diffeomorphic registration with affine pre-alignment and the inverse."""
     out = str(tmp_path_factory.mktemp("registration"))
     trained = fixtures.smooth_trained(NETWORK, amplitude=1.5, diffeomorphic=True)
-    files = pair_files.PairFiles("pair", scans["moving"], scans["fixed"],
+    files = pairs.PairFiles("pair", scans["moving"], scans["fixed"],
                                    scans["moving_seg"], scans["fixed_seg"])
-    result = pair_files.register_files(trained, files, out, affine=True,
+    result = pairs.register_files(trained, files, out, affine=True,
                                          inverse=True)
     return out, result
 
@@ -158,7 +158,7 @@ def test_fixed_point_inverse_of_a_non_diffeomorphic_field(scans):
     trained = fixtures.smooth_trained(NETWORK, amplitude=1.5)
     volume = lambda key, labels=False: transforms.read_volume(scans[key], key,
                                                                 labels=labels)
-    result = registration.register_volumes(
+    result = scans_lib.register_volumes(
         trained, volume("moving"), volume("fixed"), volume("moving_seg", True),
         inverse=True)
     assert "fixed-point" in result["inverse_method"]
@@ -209,7 +209,7 @@ def test_errors_are_one_line_and_write_nothing(registered, scans, tmp_path, caps
 def test_a_diffeomorphic_network_exposes_its_velocity():
     import jax
     from ofg_jax import models
-    from ofg_jax.inference import Trained
+    from ofg_jax.registration.network import Trained
     from ofg_jax.models.integrate import integrate_velocity
     size = (16, 16, 16)
     model = models.create("voxelmorph", size, diffeomorphic=True, enc_features=(4, 8),
@@ -225,7 +225,7 @@ def test_a_diffeomorphic_network_exposes_its_velocity():
     trained = Trained(config=fixtures.tiny_config(), model=model, variables=variables,
                       step=0, selection="test", img_size=size)
     moving, fixed = (rng.random(size).astype(np.float32) for _ in range(2))
-    result = registration.register_arrays(trained, moving, fixed)
+    result = scans_lib.register_arrays(trained, moving, fixed)
     assert np.abs(result["velocity"]).max() > 0.1
     np.testing.assert_allclose(
         integrate_velocity(result["velocity"][None], model.int_steps)[0],
@@ -236,8 +236,8 @@ def test_mgz_inputs_and_outputs_on_their_grid(scans, tmp_path):
     fixed = nib.load(scans["fixed"])
     mgz = str(tmp_path / "fixed.mgz")
     nib.save(nib.MGHImage(fixed.get_fdata(dtype=np.float32), fixed.affine), mgz)
-    files = pair_files.PairFiles("mgz", scans["moving"], mgz)
-    result = pair_files.register_files(fixtures.smooth_trained(NETWORK), files,
+    files = pairs.PairFiles("mgz", scans["moving"], mgz)
+    result = pairs.register_files(fixtures.smooth_trained(NETWORK), files,
                                          str(tmp_path / "out"))
     warped = nib.load(tmp_path / "out" / "warped.nii.gz")
     np.testing.assert_allclose(warped.affine, nib.load(mgz).affine, atol=1e-4)

@@ -12,9 +12,9 @@ import pytest
 
 from ofg_jax.configs import ixi
 from ofg_jax import cli
-from ofg_jax import config as config_lib
+from ofg_jax.settings import config as config_lib
 from ofg_jax import evaluate
-from ofg_jax import train
+from ofg_jax.training import loop
 from ofg_jax.data import ixi as ixi_data
 from tests import data_fixtures
 from tests.compilation_cache import persistent_compilation_cache
@@ -37,7 +37,7 @@ def run(tmp_path_factory):
         "model.final_features": (4,), "model.conv_impl": "xla"})
     workdir = str(tmp_path_factory.mktemp("run"))
     with persistent_compilation_cache(str(tmp_path_factory.mktemp("xla"))):
-        train.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     return workdir, root
 
 

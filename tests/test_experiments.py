@@ -22,8 +22,8 @@ from experiments import plot_experiments
 from experiments import self_training
 from experiments import syn_baseline
 from experiments import test_time_refinement
-from ofg_jax import config as config_lib
-from ofg_jax import evaluation
+from ofg_jax.settings import config as config_lib
+from ofg_jax.training import scoring
 from tests.compilation_cache import persistent_compilation_cache
 
 # A two-level VoxelMorph with XLA's convolution: the quickest to compile.
@@ -207,7 +207,7 @@ def test_physical_to_voxel_displacement_inverts_spacing_and_direction():
 
 def test_syn_baseline_metrics_with_a_fake_registration(workdir):
     """A registration that returns a known field in physical units (anisotropic
-    spacing): the script must score it exactly as ofg_jax.evaluation scores the same
+    spacing): the script must score it exactly as ofg_jax.training.scoring scores the same
     field in voxels."""
     spacing = np.array([2.0, 1.0, 0.5])
     known = np.zeros((16, 16, 16, 3), np.float32)
@@ -228,7 +228,7 @@ def test_syn_baseline_metrics_with_a_fake_registration(workdir):
     from ofg_jax import data as data_lib
     data = data_lib.create(config.data, 0)
     pair = data.val_pairs()[0]
-    metrics = evaluation.pair_metrics(jnp.asarray(known), pair.moving_seg,
+    metrics = scoring.pair_metrics(jnp.asarray(known), pair.moving_seg,
                                       pair.fixed_seg, data.labels)
     dice, folding = metrics["dice"], metrics["non_pos_jacobian_pct"]
     syn = [r for r in result["records"] if r["label"].startswith("ANTs")]

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from ofg_jax import cli
-from ofg_jax import config as config_lib
+from ofg_jax.settings import config as config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ("demo", "ixi", "oasis", "lpba", "abdomen_ct")
@@ -111,20 +111,21 @@ def test_invalid_config_values_exit_2_before_anything_is_written(tmp_path, overr
     assert not workdir.exists()
 
 
-# The command line with ``train.train_and_evaluate`` replaced by a stand-in that
+# The command line with ``loop.train_and_evaluate`` replaced by a stand-in that
 # records its arguments or fails: checks the wiring without training.
 FAKE_TRAIN = """
 import json, os
-from ofg_jax import main, train
+from ofg_jax import main
+from ofg_jax.training import loop
 
 def fake(config, workdir, **options):
     if config.train.mode == "unsupervised":
-        raise train.NonFiniteLossError("non-finite training loss at step 3")
+        raise loop.NonFiniteLossError("non-finite training loss at step 3")
     with open(os.environ["RECORD"], "w") as f:
         json.dump({"workdir": workdir, "epochs": config.train.epochs,
                    "data": config.data.name}, f)
 
-train.train_and_evaluate = fake
+loop.train_and_evaluate = fake
 main.run()
 """
 

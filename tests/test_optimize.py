@@ -165,7 +165,7 @@ def test_invalid_options_are_named(options, message):
 def test_optimize_arrays_runs_the_mode_of_its_settings(diffeomorphic):
     """``grid_registration.optimize_arrays`` (the command's path) computes what the
     library function computes for the same settings, in either mode."""
-    from ofg_jax.grid_registration import optimize_arrays
+    from ofg_jax.registration.arrays import optimize_arrays
     from ofg_jax.options import OptimizeSettings
     moving, fixed = smooth_image((16, 20, 12), 9), smooth_image((16, 20, 12), 10)
     settings = OptimizeSettings(levels=(2, 1), steps=(4, 2), diffeomorphic=diffeomorphic)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ofg_jax import cli
-from ofg_jax import figures
+from ofg_jax.registration import figures
 from ofg_jax import plot
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

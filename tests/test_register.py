@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from ofg_jax import cli
-from ofg_jax import geometry
-from ofg_jax import inference
+from ofg_jax.registration import geometry
+from ofg_jax.registration import network as network_lib
 from ofg_jax import nifti
 from ofg_jax import register
-from ofg_jax import pair_files
-from ofg_jax import registration
-from ofg_jax import transforms
+from ofg_jax.registration import pairs as pairs_lib
+from ofg_jax.registration import scans as scans_lib
+from ofg_jax.registration import transforms
 from ofg_jax import registration_energy
 from ofg_jax import warp
 from tests import registration_fixtures as fixtures
@@ -155,7 +155,7 @@ def test_refinement_changes_the_field_and_lowers_the_energy(
         dtype=np.float32)
     network, refined = read(registered[0]), read(tmp_path)
     assert np.abs(refined - network).max() > 1e-3
-    ofg = inference.read_config(workdir).ofg
+    ofg = network_lib.read_config(workdir).ofg
     moving = nib.load(files["moving"]).get_fdata(dtype=np.float32)
     fixed = nib.load(files["fixed"]).get_fdata(dtype=np.float32)
     energy = lambda disp: float(registration_energy(
@@ -305,7 +305,7 @@ def test_bad_pairs_files_are_named(tmp_path, content, message):
     path = tmp_path / "pairs.csv"
     path.write_text(content)
     with pytest.raises(ValueError, match=re.escape(message)):
-        pair_files.read_pairs_csv(str(path))
+        pairs_lib.read_pairs_csv(str(path))
 
 
 def test_scans_of_other_geometries_register_with_one_command(workdir, tmp_path,
@@ -360,14 +360,14 @@ def test_geometry_round_trip_with_an_identity_network(seed):
         volumes.append((transforms.Volume(image, affine),
                         transforms.Volume(labels, affine)))
     (moving, moving_seg), (fixed, fixed_seg) = volumes
-    itself = registration.register_volumes(trained, fixed, fixed, fixed_seg, fixed_seg)
+    itself = scans_lib.register_volumes(trained, fixed, fixed, fixed_seg, fixed_seg)
     assert not itself["direct"]  # Resampled onto the network's grid and back.
     np.testing.assert_allclose(itself["warped"], fixed.array, atol=1e-5)
     np.testing.assert_array_equal(itself["warped_seg"], fixed_seg.array)
     np.testing.assert_array_equal(itself["jacobian"], 1.0)
     np.testing.assert_array_equal(itself["transform"].field_lps, 0.0)
 
-    other = registration.register_volumes(trained, moving, fixed, moving_seg,
+    other = scans_lib.register_volumes(trained, moving, fixed, moving_seg,
                                           fixed_seg, fov_center=(2.0, -3.0, 1.0))
     error = np.abs(other["warped"] - fixed.array)
     assert np.count_nonzero(fixed.array > 0.1) > 2000

@@ -13,7 +13,7 @@ import pytest
 
 from experiments import brain_pairs
 from experiments import registration_peers as peers
-from ofg_jax import geometry
+from ofg_jax.registration import geometry
 
 SHAPE = (20, 24, 18)
 SPACING = 2.0

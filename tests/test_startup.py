@@ -124,7 +124,7 @@ def test_the_module_entry_point_imports_no_jax(args, status, tmp_path):
     assert proc.returncode == status, proc.stderr[-2000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
                 if line.startswith("import time:")]
-    assert "ofg_jax.cli" in imported and "ofg_jax.pair_files" in imported  # register's
+    assert "ofg_jax.cli" in imported and "ofg_jax.registration.pairs" in imported  # register's
     assert not [name for name in imported if name.split(".")[0] in (
         "jax", "jaxlib", "flax", "optax", "orbax", "matplotlib")], imported
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 from ofg_jax.configs import default  # noqa: E402
 from experiments import torch_baseline as tb  # noqa: E402
 from experiments import torch_networks as tn  # noqa: E402
-from ofg_jax import models, schedules, torch_adam, train_step  # noqa: E402
+from ofg_jax import models, schedules, torch_adam  # noqa: E402
+from ofg_jax.training import step as train_step  # noqa: E402
 
 
 def param_shapes(model, x):
@@ -51,7 +52,7 @@ def smooth_images(shape, seed):
 
 def test_network_builds_the_pytorch_networks():
     """``network`` gives the ``torch_networks`` class with the Flax options; the
-    JAX-only ones are ignored. (Forward parity: ``tests/test_torch_networks.py``.)"""
+    JAX-only ones are ignored. (Forward parity: ``tests/models/test_torch_networks.py``.)"""
     net = tb.network("voxelmorph", (32, 32, 32))
     assert type(net) is tn.VoxelMorph
     assert sum(p.numel() for p in net.parameters()) == 274_387  # VxmDense_1
@@ -138,8 +139,8 @@ TRANSFORMERS = {
 def test_transformer_ofg_training_step_matches_ofg_jax(name):
     """ViT-V-Net and TransMorph: one OFG step from the same weights, same loss and
     gradient norm (ViT-V-Net's BatchNorm normalising with the batch statistics)."""
-    from ofg_jax import config as config_lib
-    from tests.test_torch_networks import _random_variables
+    from ofg_jax.settings import config as config_lib
+    from tests.models.test_torch_networks import _random_variables
 
     size, options = TRANSFORMERS[name]
     moving, fixed = smooth_images(size, seed=4)

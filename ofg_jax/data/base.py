@@ -150,7 +150,7 @@ class RegistrationData(abc.ABC):
       img_size: ``(D, H, W)`` grid of every volume.
       labels: label values whose Dice is averaged in validation.
       dice_over: how a pair's Dice averages the labels
-        (``ofg_jax.evaluation.DICE_OVER``): the reference's definition for the
+        (``ofg_jax.training.scoring.DICE_OVER``): the reference's definition for the
         dataset.
       downsample: the factor by which the training images are block-averaged
         (``data.downsample``, ``ofg_jax.data.downsampled``); ``img_size`` is then

@@ -4,7 +4,7 @@ The training images are the dataset's, block-averaged by ``factor`` on every axi
 (labels are not needed in training), so the network is built for, and the inner
 OFG optimisation runs on, the coarse grid. Validation and test pairs stay at full
 resolution: the evaluation predicts from block means and upsamples the
-displacement (``ofg_jax.inference.predict``), so its Dice, folding and SDlogJ
+displacement (``ofg_jax.registration.network.predict``), so its Dice, folding and SDlogJ
 compare with full-resolution runs.
 """
 

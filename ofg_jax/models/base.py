@@ -63,7 +63,7 @@ class RegistrationNetwork(nn.Module):
         needed. The same values, gradients and parameters; less memory, most
         where a stage keeps much more than its inputs (TransMorph's Swin blocks;
         experiments/RESULTS.md). A training setting (``train.remat``, applied by
-        ``ofg_jax.train_step.create_train_state``), not an architecture option:
+        ``ofg_jax.training.step.create_train_state``), not an architecture option:
         :func:`ofg_jax.models.options` does not list it.
     """
 

@@ -1,0 +1,38 @@
+"""Registering scans: files and geometry, a trained network or optimisation
+alone, the outputs and their scores.
+
+- scans of any geometry: :mod:`~ofg_jax.registration.scans`
+  (:func:`register_volumes`, here too), :mod:`~ofg_jax.registration.geometry`,
+  :mod:`~ofg_jax.registration.transforms`, :mod:`~ofg_jax.registration.affine`;
+- two images on one grid: :mod:`~ofg_jax.registration.arrays` (a network or
+  optimisation alone, compiled ahead of time and timed by
+  :mod:`~ofg_jax.registration.compile_time`), the network path
+  :mod:`~ofg_jax.registration.network`;
+- files and pairs: :mod:`~ofg_jax.registration.pairs`; scores:
+  :mod:`~ofg_jax.training.scoring`; drawings:
+  :mod:`~ofg_jax.registration.figures`.
+
+The names of :mod:`~ofg_jax.registration.scans` are imported on first use
+(PEP 562), so that ``import ofg_jax.registration.pairs`` imports no JAX.
+"""
+
+import importlib
+
+_SOURCES = {"register_volumes": "scans", "working_grid": "scans", "foreground": "scans",
+            "write_run_figures": "scans", "FOREGROUND_FRACTION": "scans"}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    """The public name ``name``, imported from its submodule on first use."""
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The names of the package, the lazily imported ones included."""
+    return sorted(set(globals()) | set(__all__))
