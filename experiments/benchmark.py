@@ -85,9 +85,12 @@ def jax_config(model_name: str, mode: str, inner_steps: int, batch: int,
     """
     from ofg_jax.settings import config as config_lib
     config = config_lib.load(DEFAULT_CONFIG, [f"model.name={model_name}", *overrides])
-    return config_lib.with_overrides(config, {
+    config = config_lib.with_overrides(config, {
         "train.mode": mode, "train.batch_size": batch,
         "ofg.steps": inner_steps, "ofg.learning_rate": INNER_LR})
+    with config.unlocked():
+        config.data.name = "synthetic"  # A valid config; the step reads no data.
+    return config
 
 
 def model_options(model_name: str, overrides: Sequence[str] = ()) -> dict:

@@ -55,7 +55,7 @@ def _abstract_inputs(model_name, shape, function, inner_steps, overrides):
         x = jax.ShapeDtypeStruct((1, *shape, 2), jnp.float32)
         fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
         return fn, (state.variables, x)
-    return make_train_step(config, steps_per_epoch, shape), (state, batch)
+    return make_train_step(config_lib.resolve(config), steps_per_epoch, shape), (state, batch)
 
 
 def _peak_breakdown(dump_dir: str, top: int) -> list[str]:

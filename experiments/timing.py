@@ -158,8 +158,8 @@ class CompiledStep:
         start = time.perf_counter()
         self.model = config_lib.build_model(config, img_size)
         self.state = create_train_state(config, self.model, img_size, steps_per_epoch)
-        self._compiled = make_train_step(config, steps_per_epoch, img_size).lower(
-            self.state, batch).compile()
+        self._compiled = make_train_step(config_lib.resolve(config), steps_per_epoch,
+                                         img_size).lower(self.state, batch).compile()
         self.compile_seconds = time.perf_counter() - start
         self._batch = batch
 

@@ -92,10 +92,10 @@ def import_checkpoint(checkpoint: str, config: ml_collections.ConfigDict, workdi
                          f"{', '.join(list(state_dict)[:3])}")
     if name != config.model.name:
         config = config_lib.with_overrides(config, {"model.name": name})
-    config = config_lib.complete(config)
-    config_lib.validate(config)
+    resolved = config_lib.resolve(config)
+    config = resolved.config
     options = dict((config.get("model_defaults") or {}).get(name) or {})
-    options.update({key: value for key, value in config_lib.model_options(config).items()
+    options.update({key: value for key, value in resolved.model_options.items()
                     if key in given})
     factor = int(config.data.get("downsample") or 1)
     img_size = config.data.get("img_size")

@@ -17,6 +17,7 @@ from ofg_jax.configs import default  # noqa: E402
 from experiments import torch_baseline as tb  # noqa: E402
 from experiments import torch_networks as tn  # noqa: E402
 from ofg_jax import models, schedules, torch_adam  # noqa: E402
+from ofg_jax.settings import config as config_lib  # noqa: E402
 from ofg_jax.training import step as train_step  # noqa: E402
 
 
@@ -75,6 +76,7 @@ def test_one_training_step_matches_ofg_jax(mode):
     shape = (16, 32, 16)
     moving, fixed = smooth_images(shape, seed=2)
     config = default.get_config()
+    config.data.name = "synthetic"
     config.train.mode = mode
     model = models.create("voxelmorph", shape)
     pair = jnp.stack([moving, fixed], -1)[None]
@@ -97,7 +99,7 @@ def test_one_training_step_matches_ofg_jax(mode):
                          **refine_kwargs)
     torch_grad_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))
 
-    step = train_step.make_train_step(config, 10, shape)
+    step = train_step.make_train_step(config_lib.resolve(config), 10, shape)
     new_state, metrics = step(state, {"moving": moving[None], "fixed": fixed[None]})
     new = models.to_torch(model, {"params": new_state.params})
 
@@ -139,7 +141,6 @@ TRANSFORMERS = {
 def test_transformer_ofg_training_step_matches_ofg_jax(name):
     """ViT-V-Net and TransMorph: one OFG step from the same weights, same loss and
     gradient norm (ViT-V-Net's BatchNorm normalising with the batch statistics)."""
-    from ofg_jax.settings import config as config_lib
     from tests.models.test_torch_networks import _random_variables
 
     size, options = TRANSFORMERS[name]
@@ -147,6 +148,7 @@ def test_transformer_ofg_training_step_matches_ofg_jax(name):
     config = config_lib.with_overrides(default.get_config(), {
         "model.name": name, **{f"model.{k}": v for k, v in options.items()},
         "train.mode": "ofg", "ofg.steps": 2})
+    config.data.name = "synthetic"
     model = config_lib.build_model(config, size)
     pair = jnp.stack([moving, fixed], -1)[None]
     variables = _random_variables(jax.eval_shape(model.init, jax.random.PRNGKey(0), pair),
@@ -167,7 +169,7 @@ def test_transformer_ofg_training_step_matches_ofg_jax(name):
     torch_grad_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in net.parameters())))
 
     old_stats = jax.tree.map(np.array, state.batch_stats)  # the step donates the state
-    step = train_step.make_train_step(config, 10, size)
+    step = train_step.make_train_step(config_lib.resolve(config), 10, size)
     new_state, metrics = step(state, {"moving": moving[None], "fixed": fixed[None]})
     assert float(metrics["similarity"]) > 1e-4  # the refined field moved
     assert float(loss) == pytest.approx(float(metrics["loss"]), rel=2e-4)

@@ -12,6 +12,7 @@ with the same rules.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import pathlib
@@ -29,6 +30,8 @@ from ofg_jax.options import SIMILARITIES
 # them: a command line imports this module (ConfigError) before it imports JAX.
 if TYPE_CHECKING:
     from ofg_jax import models
+    from ofg_jax.settings.inner_optimizer import RefineSettings
+    from ofg_jax.settings.losses import Intensity
 
 # The configs shipped with the package (``ofg_jax/configs`` is the repository's
 # ``configs/`` folder).
@@ -421,6 +424,48 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A config resolved once (:func:`resolve`): complete, valid, and what a
+    training run reads from it, so that the loop and the step need nothing more
+    from this module.
+
+    Attributes:
+      config: the complete config (the model options filled in), as
+        ``config.json`` records it.
+      model_options: keyword arguments of ``models.create`` (:func:`model_options`).
+      reg_weight: the Grad weight of the model loss (:func:`reg_weight`).
+      refine: the inner optimiser's settings (``config.ofg``).
+      intensity: the images OFG's targets are computed from (``config.ofg``).
+    """
+    config: ml_collections.ConfigDict
+    model_options: dict[str, Any]
+    reg_weight: float
+    refine: "RefineSettings"
+    intensity: "Intensity"
+
+    def build_model(self, img_size: Sequence[int]) -> "models.RegistrationNetwork":
+        """The network on ``img_size`` (:func:`build_model`)."""
+        return build_model(self.config, img_size)
+
+
+def resolve(config: ml_collections.ConfigDict) -> Resolved:
+    """Completes and validates ``config`` and turns it into what training needs.
+
+    Raises:
+      ConfigError: the first invalid setting, named (:func:`validate`).
+    """
+    # pylint: disable=g-import-not-at-top
+    from ofg_jax.settings.inner_optimizer import RefineSettings
+    from ofg_jax.settings.losses import Intensity
+    config = complete(config)
+    validate(config)
+    return Resolved(config=config, model_options=model_options(config),
+                    reg_weight=reg_weight(config),
+                    refine=RefineSettings.from_config(config.ofg),
+                    intensity=Intensity.from_config(config.ofg))
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:

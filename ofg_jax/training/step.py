@@ -18,15 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ofg_jax.settings import config as config_lib
-from ofg_jax.settings.losses import Intensity
-from ofg_jax.settings.losses import registration_loss
 from ofg_jax.adam import torch_adam
-from ofg_jax.settings.inner_optimizer import RefineSettings
-from ofg_jax.settings.inner_optimizer import Refiner
-from ofg_jax.settings.inner_optimizer import make_refiner
 from ofg_jax.schedules import epoch_of_step
 from ofg_jax.schedules import make_lr_schedule
+from ofg_jax.settings.config import Resolved
+from ofg_jax.settings.inner_optimizer import Refiner
+from ofg_jax.settings.inner_optimizer import make_refiner
+from ofg_jax.settings.losses import Intensity
+from ofg_jax.settings.losses import registration_loss
 
 # ``fold_in`` constant of the per-pair draw of ``ofg.fraction`` (from the step's
 # dropout key, which the network's own dropout uses unchanged).
@@ -186,30 +185,32 @@ def _after_each_other(*trees: Any) -> tuple[Any, ...]:
     return jax.tree.unflatten(treedef, jax.lax.optimization_barrier(leaves))
 
 
-def make_train_step(config: ml_collections.ConfigDict, steps_per_epoch: int,
+def make_train_step(resolved: Resolved, steps_per_epoch: int,
                     img_size: Sequence[int]
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """Returns the jitted ``train_step(state, batch) -> (state, metrics)`` of ``config``.
+    """Returns the jitted ``train_step(state, batch) -> (state, metrics)`` of a
+    config resolved by ``ofg_jax.settings.config.resolve``.
 
     Both learning rates follow ``poly_lr`` by epoch, derived from ``state.step``
     inside the step, so one compilation serves the whole run. The inner
     optimiser is built here, before any tracing (the "network" design
     initialises its VoxelMorph once). The state argument is donated.
     """
+    config = resolved.config
     epochs = config.train.epochs
     mode = config.train.mode
     refiner = None
     if mode == "ofg":
-        refiner = make_refiner(RefineSettings.from_config(config.ofg), img_size,
+        refiner = make_refiner(resolved.refine, img_size,
                                seed=config.seed,
                                conv_impl=config.model.get("conv_impl") or "auto")
     step = functools.partial(
-        train_step, mode=mode, reg_weight=config_lib.reg_weight(config),
+        train_step, mode=mode, reg_weight=resolved.reg_weight,
         unsupervised_reg_weight=float(config.train.reference_reg_weight.unsupervised),
         similarity=config.train.similarity,
         model_lr=make_lr_schedule(config.train.learning_rate, epochs, steps_per_epoch),
         inner_lr=make_lr_schedule(config.ofg.learning_rate, epochs, steps_per_epoch),
-        refiner=refiner, intensity=Intensity.from_config(config.ofg),
+        refiner=refiner, intensity=resolved.intensity,
         epoch_of=lambda count: epoch_of_step(count, steps_per_epoch, epochs))
     return jax.jit(step, donate_argnums=0, compiler_options=_compiler_options())
 

@@ -181,7 +181,7 @@ def describe(workdir: str, checkpoint_steps: list[int]) -> str:
 @dataclasses.dataclass(frozen=True)
 class CheckedRun:
     """A run's inputs, every one checked, before anything is written."""
-    config: ml_collections.ConfigDict
+    resolved: config_lib.Resolved  # The config, complete, valid and resolved.
     workdir: str
     data: data_lib.RegistrationData
     model: Any
@@ -193,6 +193,11 @@ class CheckedRun:
     changed: dict[str, tuple[Any, Any]]  # Accepted changes from ``recorded``.
     # A new run's initial network variables (train.init_from), else None.
     initial_variables: Optional[Any] = None
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        """The complete config (``resolved.config``)."""
+        return self.resolved.config
 
 
 def check_run(config: ml_collections.ConfigDict, workdir: str,
@@ -206,8 +211,8 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
       ConfigError: an invalid setting or a refused change of a resumed run.
       ValueError, OSError: bad data or workdir, named.
     """
-    config = config_lib.complete(config)
-    config_lib.validate(config)
+    resolved = config_lib.resolve(config)
+    config = resolved.config
     if os.path.isfile(os.path.join(workdir, IMPORTED)):
         raise ValueError(
             f"{workdir} holds imported weights (ofg-import), not a training run; train "
@@ -218,7 +223,7 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
     changed = {}
     if recorded is not None:
         changed = config_lib.check_resume(recorded, record, workdir, allow_config_change)
-    model = config_lib.build_model(config, data.img_size)
+    model = resolved.build_model(data.img_size)
     batch_size = config.train.batch_size
     parallel.check_batch_size(batch_size, parallel.data_mesh())
     items_per_epoch = len(data.train_plan(0))
@@ -236,7 +241,7 @@ def check_run(config: ml_collections.ConfigDict, workdir: str,
     with tqdm.tqdm(total=None, unit="file", desc="checking the data", leave=False,
                    disable=parallel.progress_disabled()) as bar:
         data.verify(progress=bar.update)
-    return CheckedRun(config=config, workdir=workdir, data=data, model=model,
+    return CheckedRun(resolved=resolved, workdir=workdir, data=data, model=model,
                     labels=tuple(int(label) for label in data.labels),
                     steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                     record=record, recorded=recorded, changed=changed,

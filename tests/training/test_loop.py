@@ -80,7 +80,7 @@ def test_train_step_loss_and_gradient_match_hand_computation(mode):
     rng_key = np.array(state.rng)
     batch = random_batch(np.random.default_rng(1), 2, size)
 
-    step = train_step.make_train_step(config, steps_per_epoch, size)
+    step = train_step.make_train_step(config_lib.resolve(config), steps_per_epoch, size)
     new_state, metrics = step(state, batch)
 
     # By hand: the prediction with the step-0 dropout key; in OFG mode the
@@ -137,7 +137,7 @@ def test_train_step_follows_both_lr_decays_without_recompiling(monkeypatch):
     monkeypatch.setattr(train_step, "train_step",
                         chex.assert_max_traces(train_step.train_step, n=1))
     state = train_step.create_train_state(config, TinyNet(), size, steps_per_epoch)
-    step = train_step.make_train_step(config, steps_per_epoch, size)
+    step = train_step.make_train_step(config_lib.resolve(config), steps_per_epoch, size)
     rng = np.random.default_rng(0)
     for i in range(7):
         state, metrics = step(state, random_batch(rng, 2, size))

@@ -133,7 +133,7 @@ def test_registration_loss_defaults_and_all_true_mask_are_plain_ofg():
 def run_steps(config, batches, steps_per_epoch):
     """Runs the train step on ``batches``; returns params before each step and metrics."""
     state = train_step.create_train_state(config, DetNet(), SIZE, steps_per_epoch)
-    step_fn = train_step.make_train_step(config, steps_per_epoch, SIZE)
+    step_fn = train_step.make_train_step(config_lib.resolve(config), steps_per_epoch, SIZE)
     history = []
     for batch in batches:
         params = jax.tree.map(np.array, state.params)  # Copies: the step donates.
@@ -248,7 +248,7 @@ def test_network_design_train_step_regresses_on_the_network_target():
     batch = random_batch(rng, 2, size)
     state = train_step.create_train_state(config, DetNet(), size, 1)
     params = jax.tree.map(np.array, state.params)
-    _, metrics = train_step.make_train_step(config, 1, size)(state, batch)
+    _, metrics = train_step.make_train_step(config_lib.resolve(config), 1, size)(state, batch)
     pred = predict(params, batch)
     network, params0 = inner_optimizer.cascade_network(4, size, seed=config.seed,
                                                  conv_impl="xla")

@@ -22,6 +22,7 @@ SHARDED_VS_SINGLE = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from ofg_jax.configs import default
+from ofg_jax.settings import config as config_lib
 from ofg_jax.training import parallel
 from ofg_jax.training import step as train_step
 from tests.step_fixtures import TinyNet  # A small network keeps compilation short.
@@ -30,6 +31,7 @@ from tests.step_fixtures import TinyNet  # A small network keeps compilation sho
 assert jax.device_count() == 4, jax.devices()
 mode = sys.argv[1]
 config = default.get_config()
+config.data.name = "synthetic"
 config.train.mode = mode
 config.train.epochs = 2
 config.train.batch_size = 4
@@ -41,7 +43,7 @@ rng = np.random.default_rng(0)
 batch = {k: rng.random((4, *size), dtype=np.float32) for k in ("moving", "fixed")}
 
 def one_step(state, batch):
-    step = train_step.make_train_step(config, 3, size)
+    step = train_step.make_train_step(config_lib.resolve(config), 3, size)
     state, metrics = step(state, batch)
     return jax.device_get((state.params, state.opt_state, metrics))
 

@@ -44,12 +44,14 @@ def _step(name, remat):
     config = config_lib.with_overrides(default.get_config(), {
         "model.name": name, **{f"model.{k}": v for k, v in overrides.items()},
         "train.mode": "ofg", "ofg.steps": 2, "train.remat": remat})
+    config.data.name = "synthetic"
     model = config_lib.build_model(config, size)
     state = train_step.create_train_state(config, model, size, steps_per_epoch=10)
     tx = _keep_gradients()
     state = state.replace(tx=tx, opt_state=tx.init(state.params))
     batch = random_batch(np.random.default_rng(0), 1, size)
-    compiled = train_step.make_train_step(config, 10, size).lower(state, batch).compile()
+    step = train_step.make_train_step(config_lib.resolve(config), 10, size)
+    compiled = step.lower(state, batch).compile()
     params = jax.tree.map(np.array, state.params)
     new_state, metrics = compiled(state, batch)
     return (params, float(metrics["loss"]), new_state.opt_state, new_state.batch_stats,

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,31 @@ def test_force_evaluate_recomputes_the_final_evaluation(finished, tmp_path):
     with open(os.path.join(copy, "metrics.csv"), newline="") as f:
         val = [int(r["step"]) for r in csv.DictReader(f) if r["split"] == "val"]
     assert val == [0, 2]  # Re-evaluated, not duplicated.
+
+
+# A run of TINY stopped at step 2 (train.max_steps=2), written by the code before
+# the package's folders were its layers (commit 1d23817: ofg_jax.train,
+# ofg_jax.config, ...), kept as it was written.
+BEFORE_LAYOUT = REPO / "tests" / "fixtures" / "workdir_before_layout"
+
+
+def test_a_workdir_of_the_previous_layout_resumes_exactly(tmp_path):
+    """It resumes from its checkpoint, and its losses are those of a run done
+    here from the start (to float32 rounding across XLA builds)."""
+    workdir = str(tmp_path / "before")
+    shutil.copytree(BEFORE_LAYOUT, workdir)
+    config = tiny(**{"train.max_steps": 4})
+    loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, str(tmp_path / "here"))
+    resumed, here = train_losses(workdir), train_losses(str(tmp_path / "here"))
+    assert sorted(resumed) == sorted(here) == [1, 2, 3, 4]
+    np.testing.assert_allclose([resumed[s] for s in range(1, 5)],
+                               [here[s] for s in range(1, 5)], rtol=1e-5)
+    assert "4" in os.listdir(os.path.join(workdir, "checkpoints"))
+    with open(os.path.join(workdir, "metrics.csv"), newline="") as f:  # Not rerun.
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+    assert {s: resumed[s] for s in (1, 2)} == train_losses(str(BEFORE_LAYOUT))
 
 
 def test_initial_survives_a_resume_from_step_0(tmp_path, monkeypatch):
