@@ -7,9 +7,10 @@ import JAX before its flags and files are checked. ``ofg_jax.warp``,
 the same names.
 """
 
-import importlib
 import sys
 import types
+
+from ofg_jax import _lazy
 
 # Public name -> the submodule that defines it.
 _SOURCES = {
@@ -32,18 +33,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    """The public function ``name``, imported from its submodule on first use."""
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The names of the package, the primitives included."""
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy.attach(__name__, _SOURCES, __all__)
 
 
 class _Package(types.ModuleType):

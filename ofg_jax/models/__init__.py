@@ -11,7 +11,7 @@ A new network is one module with a ``RegistrationNetwork`` subclass and one line
 in :data:`NETWORKS`.
 """
 
-import importlib
+from ofg_jax import _lazy
 
 # Public name -> the submodule that defines it, imported on first use (PEP 562):
 # the registration with no network imports ``models.integrate`` and
@@ -29,15 +29,4 @@ __all__ = ["NAMES", "NETWORKS", "Conv3D", "RegistrationNetwork", "TransMorph", "
            "to_torch"]
 
 
-def __getattr__(name: str):
-    """The public name ``name``, imported from its submodule on first use."""
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The names of the package, the lazily imported ones included."""
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy.attach(__name__, _SOURCES, __all__)

@@ -16,7 +16,7 @@ The names of :mod:`~ofg_jax.registration.scans` are imported on first use
 (PEP 562), so that ``import ofg_jax.registration.pairs`` imports no JAX.
 """
 
-import importlib
+from ofg_jax import _lazy
 
 _SOURCES = {"register_volumes": "scans", "working_grid": "scans", "foreground": "scans",
             "write_run_figures": "scans", "FOREGROUND_FRACTION": "scans"}
@@ -24,15 +24,4 @@ _SOURCES = {"register_volumes": "scans", "working_grid": "scans", "foreground": 
 __all__ = sorted(_SOURCES)
 
 
-def __getattr__(name: str):
-    """The public name ``name``, imported from its submodule on first use."""
-    if name not in _SOURCES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The names of the package, the lazily imported ones included."""
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy.attach(__name__, _SOURCES, __all__)
