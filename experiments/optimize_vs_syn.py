@@ -319,7 +319,7 @@ def tuning_pairs(subject, folder: str):
         matrix = affine_lib.register_affine(moving.array, fixed.array,
                                             moving_affine=moving.affine,
                                             fixed_affine=fixed.affine)
-        prepared.append((pair_dir, scans._resampled(moving, fixed.grid, matrix),
+        prepared.append((pair_dir, scans.resample_volume(moving, fixed.grid, matrix),
                          fixed, matrix))
     return prepared
 

@@ -129,46 +129,38 @@ def _prototype(kind: str, sigma: float = 0.0, grad_sigma: float = 0.0
 def prepare(folder: str) -> dict[str, Any]:
     """The pair's fixed image and its moving image through the affine, on the
     fixed grid (the command's affine and resampling)."""
-    import nibabel as nib
-    from scipy import ndimage
     from ofg_jax.registration import affine as affine_lib
-    from ofg_jax.registration import geometry
-    fixed, moving = (nib.load(os.path.join(folder, f"{role}.nii.gz"))
-                     for role in ("fixed", "moving"))
-    fixed_array = np.asarray(fixed.dataobj, np.float32)
-    moving_array = np.asarray(moving.dataobj, np.float32)
-    matrix = affine_lib.register_affine(moving_array, fixed_array,
+    from ofg_jax.registration.scans import resample_volume
+    from ofg_jax.registration.transforms import read_volume
+    fixed = read_volume(os.path.join(folder, "fixed.nii.gz"), "fixed image")
+    moving = read_volume(os.path.join(folder, "moving.nii.gz"), "moving image")
+    matrix = affine_lib.register_affine(moving.array, fixed.array,
                                         moving_affine=moving.affine,
                                         fixed_affine=fixed.affine)
-    grid = geometry.grid_of(fixed)
-    ratio = float(np.min(grid.spacing)) / np.asarray(moving.header.get_zooms()[:3])
-    sigma = np.maximum(ratio - 1.0, 0.0) / 2.0
-    if np.any(sigma > 0.1):  # as the command smooths onto a coarser grid
-        moving_array = ndimage.gaussian_filter(moving_array, sigma)
-    return {"moving": np.asarray(geometry.resample(moving_array, moving.affine, grid,
-                                                   matrix=matrix)),
-            "fixed": fixed_array, "matrix": matrix, "affine": fixed.affine}
+    return {"moving": resample_volume(moving, fixed.grid, matrix), "fixed": fixed,
+            "matrix": matrix}
 
 
 def run(setting, pair: dict[str, Any], folder: str, timing: bool) -> dict[str, float]:
     """The scores (and seconds) of one setting on one prepared pair."""
     import jax
     from experiments import brain_pairs
-    from ofg_jax.registration import geometry
     from ofg_jax.optimize import optimize_displacement
+    from ofg_jax.registration.transforms import field_transform
     if isinstance(setting, tuple):
         fn = _prototype(setting[1], **setting[2])
     else:
         fn = lambda m, f, options=setting: optimize_displacement(m, f, **options)
     compiled = jax.jit(fn)
-    disp = np.asarray(compiled(pair["moving"], pair["fixed"]))
-    field = ((disp @ pair["affine"][:3, :3].T) * geometry.RAS_TO_LPS).astype(np.float32)
+    fixed = pair["fixed"]
+    disp = np.asarray(compiled(pair["moving"], fixed.array))
+    field = field_transform(disp, fixed.grid, fixed).field_lps
     scores = brain_pairs.score(folder, field, pair["matrix"])
     if timing:
         seconds = []
         for _ in range(3):
             start = time.perf_counter()
-            jax.block_until_ready(compiled(pair["moving"], pair["fixed"]))
+            jax.block_until_ready(compiled(pair["moving"], fixed.array))
             seconds.append(time.perf_counter() - start)
         scores["optimisation_seconds"] = float(np.median(seconds))
     return scores

@@ -44,7 +44,7 @@ MODULES = ("ofg_jax.register", "ofg_jax.registration.pairs", "ofg_jax.registrati
 PHASES = (
     ("ofg_jax.registration.pairs", "check_headers", "header checks"),
     ("ofg_jax.registration.transforms", "read_volume", "read the scans"),
-    ("ofg_jax.registration.scans", "_resampled", "resample onto the working grid"),
+    ("ofg_jax.registration.scans", "resample_volume", "resample onto the working grid"),
     ("ofg_jax.registration.affine", "register_affine", "affine"),
     ("ofg_jax.registration.arrays", "optimize_arrays", "deformable optimisation"),
     ("ofg_jax.registration.transforms", "field_transform", "transform, warp, Jacobian, Dice"),

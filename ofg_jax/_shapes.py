@@ -6,6 +6,8 @@ anything is traced or compiled.
 
 from typing import Sequence
 
+import numpy as np
+
 
 def check_disp(disp_shape: Sequence[int], name: str = "disp") -> tuple[int, ...]:
     """Returns the spatial shape of a displacement field ``(*S, N)``, N = len(S)."""
@@ -46,3 +48,11 @@ def check_same_spatial(a_shape: Sequence[int], b_shape: Sequence[int],
             f"{names} must be 2D or 3D images of shape (*S), got shape {a_shape}")
     return a_shape
 
+
+def check_optional_shapes(shape: Sequence[int], **arrays) -> None:
+    """Checks that each of ``arrays`` that is not None (weights, masks) has the
+    images' ``shape``."""
+    for name, array in arrays.items():
+        if array is not None and tuple(np.shape(array)) != tuple(shape):
+            raise ValueError(f"{name} of shape {tuple(np.shape(array))} does not match "
+                             f"images of shape {tuple(shape)}")

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ofg_jax._shapes import check_same_spatial
+from ofg_jax._shapes import check_optional_shapes, check_same_spatial
 
 
 def box_sum(x: jax.Array, window: int) -> jax.Array:
@@ -126,12 +126,6 @@ def _total(weights):
     return jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-def _check_weights(shape, weights):
-    if weights is not None and tuple(jnp.shape(weights)) != tuple(shape):
-        raise ValueError(f"weights of shape {tuple(jnp.shape(weights))} do not match "
-                         f"images of shape {tuple(shape)}")
-
-
 def ncc_to(fixed: jax.Array, *, window: int = 9,
            eps: float = 1e-5) -> Callable[..., jax.Array]:
     """``(b, weights=None) -> ncc(fixed, b, weights=weights)``, with the window sums
@@ -152,7 +146,7 @@ def ncc_to(fixed: jax.Array, *, window: int = 9,
 
     def similarity(b, weights=None):
         check_same_spatial(fixed.shape, b.shape, "ncc inputs fixed, b")
-        _check_weights(fixed.shape, weights)
+        check_optional_shapes(fixed.shape, weights=weights)
         return masked_mean(_cc_map(stats, b, window, eps), weights)
 
     return similarity
@@ -184,7 +178,7 @@ def ncc_gradient_to(fixed: jax.Array, *, window: int = 9,
 
     def gradient(b, weights=None):
         check_same_spatial(fixed.shape, b.shape, "ncc inputs fixed, b")
-        _check_weights(fixed.shape, weights)
+        check_optional_shapes(fixed.shape, weights=weights)
         sums = _b_sums(fixed, b, window)
         if weights is None:
             _, of_sums = jax.vjp(
@@ -223,5 +217,5 @@ def ncc(a: jax.Array, b: jax.Array, *, window: int = 9, eps: float = 1e-5,
     Returns:
       Scalar similarity.
     """
-    _check_weights(a.shape, weights)
+    check_optional_shapes(a.shape, weights=weights)
     return masked_mean(local_ncc_map(a, b, window=window, eps=eps), weights)

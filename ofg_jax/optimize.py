@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ofg_jax._shapes import check_optional_shapes
 from ofg_jax._shapes import check_same_spatial
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.options import OptimizeSettings
 from ofg_jax.options import check_options
 from ofg_jax.options import per_level
-from ofg_jax.refine import _check_masks
 from ofg_jax.refine import _inner_energy_fn
 from ofg_jax.refine import _minimise
 from ofg_jax.refine import _optimizer
@@ -81,7 +81,8 @@ def _coarse_to_fine(moving, fixed, levels, steps, optimize_level, fixed_mask=Non
     level's images (which are edge-padded to a multiple of the coarsest field
     grid's factor)."""
     check_same_spatial(moving.shape, fixed.shape, "moving, fixed")
-    _check_masks(fixed.shape, fixed_mask, moving_mask)
+    check_optional_shapes(fixed.shape, fixed_mask=fixed_mask,
+                          moving_mask=moving_mask)
     shape = fixed.shape
     field_factors = tuple(field_factors or (1,) * len(levels))
     grids = [level * factor for level, factor in zip(levels, field_factors)]

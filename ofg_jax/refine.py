@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ofg_jax._shapes import check_disp, check_same_spatial
+from ofg_jax._shapes import check_disp, check_optional_shapes, check_same_spatial
 from ofg_jax.ncc import masked_mean, ncc_gradient_to, ncc_to
 from ofg_jax.adam import torch_adam
 from ofg_jax.options import OPTIMIZERS, SIMILARITIES
@@ -57,7 +57,8 @@ def registration_energy(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *,
     Returns:
       Scalar energy.
     """
-    _check_masks(fixed.shape, fixed_mask, moving_mask)
+    check_optional_shapes(fixed.shape, fixed_mask=fixed_mask,
+                          moving_mask=moving_mask)
     return _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
                       fixed_mask, moving_mask)(disp)
 
@@ -84,13 +85,6 @@ def _mask_weights(fixed_mask, moving_mask) -> Callable[[jax.Array], Optional[jax
         return on_fixed if fixed_mask is None else fixed_mask * on_fixed
 
     return weights
-
-
-def _check_masks(shape, fixed_mask, moving_mask) -> None:
-    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
-        if mask is not None and tuple(jnp.shape(mask)) != tuple(shape):
-            raise ValueError(f"{name} of shape {tuple(jnp.shape(mask))} does not match "
-                             f"images of shape {tuple(shape)}")
 
 
 def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
@@ -201,7 +195,8 @@ def refine(moving: jax.Array, fixed: jax.Array, disp: jax.Array, *, steps: int =
       ``(*S, N)`` refined displacement, in voxels.
     """
     _check_inputs(moving, fixed, disp, similarity)
-    _check_masks(fixed.shape, fixed_mask, moving_mask)
+    check_optional_shapes(fixed.shape, fixed_mask=fixed_mask,
+                          moving_mask=moving_mask)
     if not isinstance(downsample, int) or downsample < 1:
         raise ValueError(f"downsample must be a positive integer, got {downsample!r}")
 

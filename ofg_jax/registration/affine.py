@@ -26,11 +26,10 @@ from scipy import ndimage
 
 from ofg_jax.ncc import masked_mean
 from ofg_jax.ncc import ncc
+from ofg_jax.options import SIMILARITIES
 from ofg_jax.resolution import block_mean
 from ofg_jax.volumes import check_mask
 from ofg_jax.warp import sample
-
-SIMILARITIES = ("ncc", "mse")
 
 
 def pool(image: np.ndarray, affine: np.ndarray, factor: int

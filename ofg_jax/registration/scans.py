@@ -73,8 +73,8 @@ def working_grid(fixed_grid: Grid, voxel_size: Optional[float]) -> Grid:
     return Grid(shape, fixed_grid.affine @ scale)
 
 
-def _resampled(volume: Volume, grid: Grid, matrix: Optional[np.ndarray] = None
-               ) -> np.ndarray:
+def resample_volume(volume: Volume, grid: Grid, matrix: Optional[np.ndarray] = None
+                    ) -> np.ndarray:
     """``volume`` on ``grid`` (through ``matrix``), smoothed first where the grid's
     voxels are coarser than its own (Gaussian, sigma ``(r - 1) / 2`` voxels for
     a ratio ``r`` of voxel sizes), so that a coarse grid does not alias."""
@@ -196,7 +196,7 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
             fixed_grid, method.full_size, spacing, axcodes, center=fov_center)
         log.append(message)
     fixed_w = (np.asarray(fixed.array, np.float32) if grid is fixed_grid
-               else _resampled(fixed, grid))
+               else resample_volume(fixed, grid))
     matrix = None
     if affine:
         # On the images' own grids: finer than the working grid, and the matrix
@@ -214,7 +214,7 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
     direct = (grid is fixed_grid and matrix is None
               and moving_grid.same_as(fixed_grid, AFFINE_TOLERANCE))
     moving_w = (np.asarray(moving.array, np.float32) if direct
-                else _resampled(moving, grid, matrix))
+                else resample_volume(moving, grid, matrix))
     masks = {}
     if fixed_mask is not None:
         masks["fixed_mask"] = _mask_on(fixed_mask, grid, "fixed mask", "working grid")
@@ -257,7 +257,7 @@ def register_volumes(method: Method, moving: Volume, fixed: Volume,
 def _mask_on(mask: Optional[Volume], grid: Grid, what: str, where: str,
              matrix: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
     """``mask`` on ``grid`` (through ``matrix``): as it is on its own grid, else
-    resampled (:func:`_resampled`, linear, 0 outside) and clipped to ``[0, 1]``.
+    resampled (:func:`resample_volume`, linear, 0 outside) and clipped to ``[0, 1]``.
 
     Raises:
       ValueError: the mask is 0 everywhere on ``grid``.
@@ -267,7 +267,7 @@ def _mask_on(mask: Optional[Volume], grid: Grid, what: str, where: str,
     if matrix is None and mask.grid.same_as(grid, AFFINE_TOLERANCE):
         array = np.asarray(mask.array, np.float32)
     else:
-        array = np.clip(_resampled(mask, grid, matrix), 0.0, 1.0).astype(np.float32)
+        array = np.clip(resample_volume(mask, grid, matrix), 0.0, 1.0).astype(np.float32)
     if not np.any(array > 0):
         raise ValueError(f"the {what} is 0 everywhere on the {where}: it does not "
                          "overlap that field of view")
