@@ -56,7 +56,8 @@ def run(command, cwd):
 
 def test_the_wheel_carries_the_configs_and_the_primitives(installed, tmp_path):
     proc = run([str(installed / "python"), "-c",
-                "import ofg_jax; from ofg_jax import config, ncc, refine, warp; "
+                "import ofg_jax; from ofg_jax import ncc, refine, warp; "
+                "from ofg_jax.settings import config; "
                 "print(ofg_jax.__file__); print(config.config_path('ixi'))"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     package, ixi = proc.stdout.split()

@@ -123,12 +123,16 @@ def _executable_path(jitted: Callable, args, static) -> Optional[str]:
     device = jax.devices()[0]
     key = repr((
         f"{function.__module__}.{function.__qualname__}", sorted(static.items()),
-        [None if a is None else (np.shape(a), str(np.result_type(a)),
-                                 isinstance(a, (bool, int, float))) for a in args],
+        [None if a is None else (np.shape(a), _dtype_name(a), isinstance(a, (bool, int, float)))
+         for a in args],
         jax.__version__, device.platform, device.device_kind, jax.device_count(),
         os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64, _source_digest()))
     return os.path.join(folder, EXECUTABLES,
                         hashlib.sha256(key.encode()).hexdigest() + ".pkl")
+
+
+def _dtype_name(value) -> str:
+    return str(value.dtype if hasattr(value, "dtype") else np.result_type(value))
 
 
 @functools.cache
