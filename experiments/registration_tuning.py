@@ -13,7 +13,8 @@ scored by ``brain_pairs.score``. The settings are the library's options
 displacement from folding, written here as prototypes: its Adam updates
 smoothed by a Gaussian, its gradient smoothed, and FireANTs' greedy
 compositive updates. ``--timing`` also times each setting's compiled
-optimisation (median of 3 calls).
+optimisation (median of 3 calls); ``--steps`` replaces the steps of every
+setting, e.g. ``0,0,20`` to time the last level alone.
 """
 
 import argparse
@@ -23,6 +24,13 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+
+def _velocity(**options) -> dict:
+    """Options of the velocity mode with its exponential taken at every step (as
+    the first sweep ran them, before ``integrate_every``)."""
+    return dict(diffeomorphic=True, integrate_every=1, **options)
+
 
 # name -> options of optimize_displacement, or ("prototype", name, options).
 SETTINGS = {
@@ -40,30 +48,32 @@ SETTINGS = {
     "compositive updates (FireANTs' greedy, sigma 1 and 1, no Grad)":
         ("prototype", "compositive", dict(sigma=1.0, grad_sigma=1.0)),
     "former --diffeomorphic (velocity at full resolution, Grad 2)":
-        dict(diffeomorphic=True, velocity_factor=1, steps=(100, 50, 20),
-             learning_rate=0.2, reg_weight=2.0),
-    "velocity twice coarser, Grad 2": dict(diffeomorphic=True, velocity_factor=2,
-                                           steps=(100, 50, 20), learning_rate=0.2,
-                                           reg_weight=2.0),
-    "velocity twice coarser, Grad 1.5": dict(diffeomorphic=True, velocity_factor=2,
-                                             steps=(100, 50, 20), learning_rate=0.2,
-                                             reg_weight=1.5),
+        _velocity(velocity_factor=1, steps=(100, 50, 20), learning_rate=0.2, reg_weight=2.0),
+    "velocity twice coarser, Grad 2":
+        _velocity(velocity_factor=2, steps=(100, 50, 20), learning_rate=0.2, reg_weight=2.0),
+    "velocity twice coarser, Grad 1.5":
+        _velocity(velocity_factor=2, steps=(100, 50, 20), learning_rate=0.2, reg_weight=1.5),
     "velocity twice coarser, 200,100,20, Adam 0.1, Grad 1":
-        dict(diffeomorphic=True, velocity_factor=2, steps=(200, 100, 20),
-             learning_rate=0.1, reg_weight=1.0),
+        _velocity(velocity_factor=2, steps=(200, 100, 20), learning_rate=0.1, reg_weight=1.0),
     "velocity twice coarser, 200,100,40, Adam 0.1, Grad 1":
-        dict(diffeomorphic=True, velocity_factor=2, steps=(200, 100, 40),
-             learning_rate=0.1, reg_weight=1.0),
+        _velocity(velocity_factor=2, steps=(200, 100, 40), learning_rate=0.1, reg_weight=1.0),
     "velocity at full resolution, 200,100,20, Adam 0.1, Grad 1":
-        dict(diffeomorphic=True, velocity_factor=1, steps=(200, 100, 20),
-             learning_rate=0.1, reg_weight=1.0),
+        _velocity(velocity_factor=1, steps=(200, 100, 20), learning_rate=0.1, reg_weight=1.0),
     "velocity at full resolution, 200,100,20, Adam 0.1, Grad 1.5":
-        dict(diffeomorphic=True, velocity_factor=1, steps=(200, 100, 20),
-             learning_rate=0.1, reg_weight=1.5),
+        _velocity(velocity_factor=1, steps=(200, 100, 20), learning_rate=0.1, reg_weight=1.5),
     "velocity 2,2,1, 200,100,20, Adam 0.1, Grad 1.5":
-        dict(diffeomorphic=True, velocity_factor=(2, 2, 1), steps=(200, 100, 20),
-             learning_rate=0.1, reg_weight=1.5),
-    "velocity 2,2,1, 200,100,20, Adam 0.1, Grad 1 (default)": {},
+        _velocity(velocity_factor=(2, 2, 1), steps=(200, 100, 20), learning_rate=0.1,
+                  reg_weight=1.5),
+    "velocity 2,2,1, 200,100,20, Adam 0.1, Grad 1, exponential every step":
+        dict(integrate_every=1),
+    "the same, exponential every 2 steps": dict(integrate_every=2),
+    "the same, exponential every 4 steps": dict(integrate_every=4),
+    "the same, exponential every 5 steps (default)": {},
+    "the same, exponential every 10 steps": dict(integrate_every=10),
+    "the same, exponential every 20 steps": dict(integrate_every=20),
+    "the same, every 5 steps, 5 squarings": dict(int_steps=5),
+    "displacement, 200,100,20, Adam 0.1, Grad 1 (--nodiffeomorphic)":
+        dict(diffeomorphic=False),
 }
 TUNING_PAIRS = ("mni_to_subject_2mm", "known_200", "known_201")
 
@@ -174,6 +184,9 @@ def main(argv=None) -> None:
     parser.add_argument("--settings", help="names of SETTINGS, '|'-separated; "
                         "default: all")
     parser.add_argument("--timing", action="store_true")
+    parser.add_argument("--steps", help="steps per level for every setting of the "
+                        "library (not the prototypes), e.g. 0,0,20 to time the last "
+                        "level alone; default: each setting's own")
     parser.add_argument("--out", required=True, help="JSON of the results")
     args = parser.parse_args(argv)
     from experiments import brain_pairs
@@ -189,12 +202,17 @@ def main(argv=None) -> None:
     unknown = [c for c in chosen if c not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}")
+    settings = {name: SETTINGS[name] for name in chosen}
+    if args.steps:
+        steps = tuple(int(n) for n in args.steps.split(","))
+        settings = {name: setting if isinstance(setting, tuple) else {**setting, "steps": steps}
+                    for name, setting in settings.items()}
     rows = []
     for name in names:
         folder = os.path.join(args.pairs_dir, name)
         pair = prepare(folder)
         for setting in chosen:
-            scores = run(SETTINGS[setting], pair, folder, args.timing)
+            scores = run(settings[setting], pair, folder, args.timing)
             rows.append({"setting": setting, "pair": name, **scores})
             print(f"{name:20s} {setting}: Dice {scores['dice']:.4f}, "
                   f"{scores['det_le0_brain_pct']:.4f} % det <= 0"
@@ -202,7 +220,7 @@ def main(argv=None) -> None:
                      else ""), flush=True)
     with open(args.out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                   "rows": rows}, f, indent=2)
+                   "steps": args.steps, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ reported ones (``python -m experiments.optimize_vs_syn --tune``).
 """
 
 import functools
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +28,10 @@ from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.options import OptimizeSettings
 from ofg_jax.options import check_options
 from ofg_jax.options import per_level
-from ofg_jax.refine import _inner_energy_fn
-from ofg_jax.refine import _minimise
+from ofg_jax.refine import _data_gradient_fn
 from ofg_jax.refine import _optimizer
 from ofg_jax.refine import refine
-from ofg_jax.regularizers import grad_loss
+from ofg_jax.regularizers import grad_loss_gradient
 from ofg_jax.resolution import block_mean
 from ofg_jax.resolution import upsample_displacement
 
@@ -112,6 +111,7 @@ def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
                           diffeomorphic: bool = _DEFAULTS.diffeomorphic,
                           int_steps: int = _DEFAULTS.int_steps,
                           velocity_factor=_DEFAULTS.velocity_factor,
+                          integrate_every: int = _DEFAULTS.integrate_every,
                           fixed_mask: Optional[jax.Array] = None,
                           moving_mask: Optional[jax.Array] = None) -> jax.Array:
     """Registers ``moving`` to ``fixed`` by coarse-to-fine optimisation alone.
@@ -158,6 +158,8 @@ def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
       velocity_factor: with ``diffeomorphic``, how many times coarser than the
         level's images the velocity's grid is, per level or one for all; None: 2
         at every level but the last, 1 there (:func:`optimize_velocity`).
+      integrate_every: with ``diffeomorphic``, the optimiser steps between two
+        exponentials of the velocity (:func:`optimize_velocity`).
       fixed_mask: None, or a ``(*S)`` cost-function mask on the fixed grid:
         weights in ``[0, 1]`` (0 / 1, or soft); the data term counts where it
         is > 0. Not checked for its values here (they may be traced).
@@ -178,7 +180,8 @@ def optimize_displacement(moving: jax.Array, fixed: jax.Array, *,
     if diffeomorphic:
         velocity = optimize_velocity(moving, fixed, fixed_mask=fixed_mask,
                                      moving_mask=moving_mask,
-                                     velocity_factor=velocity_factor, **options)
+                                     velocity_factor=velocity_factor,
+                                     integrate_every=integrate_every, **options)
         return integrate_velocity(velocity[None], int_steps)[0]
     check_options(**options)
     opt = _transformation(optimizer, learning_rate)
@@ -200,6 +203,7 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
                       optimizer: Optimizer = _DEFAULTS.optimizer,
                       int_steps: int = _DEFAULTS.int_steps,
                       velocity_factor=_DEFAULTS.velocity_factor,
+                      integrate_every: int = _DEFAULTS.integrate_every,
                       fixed_mask: Optional[jax.Array] = None,
                       moving_mask: Optional[jax.Array] = None) -> jax.Array:
     """The stationary velocity field of :func:`optimize_displacement` with
@@ -218,10 +222,15 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
     the displacement, upsampled's adjoint aside (to first order ``exp(v + dv)
     = exp(v) + dv``, the update of log-domain demons), written out as
     :func:`ofg_jax.refine`'s; this spares the backward pass through the
-    squarings. The filter (as SyN and demons smooth their updates) keeps the
-    velocity smooth enough that its discrete exponential does not fold. Masks
-    weight the data term as in :func:`optimize_displacement`, the moving mask
-    warped by the field; Grad stays on the whole ``v``.
+    squarings. The same first order spares most of the squarings themselves:
+    the exponential ``exp(v0)`` is taken anew every ``integrate_every`` steps
+    and in between the displacement is ``U(exp(v0)) + U(v - v0)``; what is
+    returned is the last velocity, whose own exponential is the result. The
+    filter (as SyN and demons smooth their updates) keeps the velocity smooth
+    enough that its discrete exponential does not fold; it is its own adjoint,
+    so the gradient in ``w`` is the filtered gradient in ``v``. Masks weight
+    the data term as in :func:`optimize_displacement`, the moving mask warped
+    by the field; Grad stays on the whole ``v``.
 
     Args:
       moving, fixed: as in :func:`optimize_displacement`.
@@ -233,6 +242,8 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
         None: 2 at every level but the last, 1 there
         (``ofg_jax.options.per_level``): half resolution where the coarse
         shape is found, full resolution where the details are.
+      integrate_every: the optimiser steps between two exponentials (1: at
+        every step, the exact energy's data term).
       fixed_mask, moving_mask: as there.
 
     Returns:
@@ -247,27 +258,62 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
     check_options(levels=levels, steps=steps, learning_rate=learning_rate,
                   reg_weight=reg_weight, similarity=similarity, window=window,
                   optimizer=optimizer, int_steps=int_steps,
-                  velocity_factor=velocity_factor)
+                  velocity_factor=velocity_factor, integrate_every=integrate_every)
     opt = _transformation(optimizer, learning_rate)
 
     def optimize_level(moving_l, fixed_l, start, count, fixed_mask_l, moving_mask_l,
                        field_factor):
-        data = _inner_energy_fn(moving_l, fixed_l, None, similarity, window, "l2",
-                                fixed_mask_l, moving_mask_l)
+        data_gradient = _data_gradient_fn(moving_l, fixed_l, similarity, window,
+                                          fixed_mask_l, moving_mask_l)
         upsample = lambda field: _to_finer(field, field_factor, fixed_l.shape)
 
-        def energy(variable):
+        def anchor(variable):
             velocity = _binomial_filter(variable)
-            first_order = upsample(velocity)
-            disp = upsample(integrate_velocity(velocity[None], int_steps)[0])
-            disp = first_order + jax.lax.stop_gradient(disp - first_order)
-            return data(disp) + reg_weight * grad_loss(velocity)
+            return velocity, upsample(integrate_velocity(velocity[None], int_steps)[0])
 
-        return _minimise(energy, _binomial_filter, start, opt, count)
+        def gradient(variable, anchor):
+            velocity = _binomial_filter(variable)
+            anchor_velocity, anchor_disp = anchor
+            disp = anchor_disp + upsample(velocity - anchor_velocity)
+            smooth = reg_weight * grad_loss_gradient(velocity)
+            if field_factor == 1:
+                g = data_gradient(disp, smooth)
+            else:
+                g = jax.vjp(upsample, velocity)[1](data_gradient(disp))[0] + smooth
+            return _binomial_filter(g)  # the filter is its own adjoint
+
+        variable = _minimise_anchored(gradient, anchor, start, opt, count, integrate_every)
+        return _binomial_filter(variable)
 
     return _coarse_to_fine(moving, fixed, tuple(levels), tuple(steps), optimize_level,
                            fixed_mask, moving_mask,
                            per_level(velocity_factor, len(tuple(levels))))
+
+
+def _minimise_anchored(gradient: Callable[[Any, Any], Any],
+                       anchor_of: Callable[[Any], Any], params: Any,
+                       opt: optax.GradientTransformation, steps: int, every: int) -> Any:
+    """``params`` after ``steps`` updates of ``opt`` on ``gradient(params, anchor)``,
+    the anchor ``anchor_of(params)`` taken anew every ``every`` steps (nested
+    loops, not a conditional, so that under ``vmap`` the skipped anchors cost
+    nothing)."""
+
+    def step(_, carry):
+        params, opt_state, anchor = carry
+        updates, opt_state = opt.update(gradient(params, anchor), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, anchor
+
+    def block(count):
+        def run(_, carry):
+            params, opt_state = carry
+            carry = (params, opt_state, anchor_of(params))
+            return jax.lax.fori_loop(0, count, step, carry)[:2]
+        return run
+
+    carry = jax.lax.fori_loop(0, steps // every, block(every), (params, opt.init(params)))
+    if steps % every:
+        carry = block(steps % every)(0, carry)
+    return carry[0]
 
 
 def _binomial_filter(field: jax.Array) -> jax.Array:

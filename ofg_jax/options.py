@@ -37,6 +37,11 @@ class OptimizeSettings:
         images (1: the level's own grid); during the optimisation its
         exponential is taken there and upsampled. None: 2 at every level but
         the last, 1 at the last (:func:`per_level`).
+      integrate_every: with ``diffeomorphic``, the velocity's exponential is
+        taken anew every this many optimiser steps; in between, the
+        displacement is the last exponential plus the velocity's change (to
+        first order, the gradient's own approximation). The result is the
+        exponential of the final velocity whatever this is.
     """
     levels: tuple[int, ...] = (4, 2, 1)
     steps: tuple[int, ...] = (200, 100, 20)
@@ -48,6 +53,7 @@ class OptimizeSettings:
     diffeomorphic: bool = True
     int_steps: int = 7
     velocity_factor: Optional[Union[int, tuple[int, ...]]] = None
+    integrate_every: int = 5
 
     def options(self) -> dict:
         """The keyword options of ``ofg_jax.optimize.optimize_displacement``."""
@@ -59,7 +65,8 @@ class OptimizeSettings:
         factors = per_level(self.velocity_factor, len(self.levels))
         grid = ("" if set(factors) == {1} else
                 f" on grids {join(factors)} times coarser than the levels")
-        mode = (f"diffeomorphic (velocity{grid}, {self.int_steps} squarings)"
+        mode = (f"diffeomorphic (velocity{grid}, {self.int_steps} squarings every "
+                f"{self.integrate_every} steps)"
                 if self.diffeomorphic else "displacement")
         return (f"levels {join(self.levels)} x steps {join(self.steps)}, "
                 f"{self.optimizer} at {self.learning_rate:g}, -{self.similarity} "
@@ -68,7 +75,8 @@ class OptimizeSettings:
 
 def check_options(*, levels: Sequence[int], steps: Sequence[int], learning_rate,
                   reg_weight, similarity: str, window: int, optimizer: Any,
-                  int_steps: int, velocity_factor: Any = None, **_) -> None:
+                  int_steps: int, velocity_factor: Any = None, integrate_every: int = 1,
+                  **_) -> None:
     """Raises ``ValueError`` naming the first invalid option of
     ``ofg_jax.optimize.optimize_displacement`` (Python values; traced scalars are
     not checked)."""
@@ -95,6 +103,8 @@ def check_options(*, levels: Sequence[int], steps: Sequence[int], learning_rate,
                          f"optax.GradientTransformation, got {optimizer!r}")
     if not (isinstance(int_steps, int) and int_steps >= 0):
         raise ValueError(f"int_steps must be an integer >= 0, got {int_steps!r}")
+    if not (isinstance(integrate_every, int) and integrate_every >= 1):
+        raise ValueError(f"integrate_every must be an integer >= 1, got {integrate_every!r}")
     factors = per_level(velocity_factor, len(levels))
     grids = [level * f for level, f in zip(levels, factors)] if all(
         isinstance(f, int) and f >= 1 for f in factors) else []

@@ -98,19 +98,12 @@ def _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
                          + reg_weight * grad_loss(disp, penalty=penalty))
 
 
-def _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
-                     fixed_mask=None, moving_mask=None):
-    """:func:`_energy_fn` with its gradient in ``disp`` written out, for the inner loop.
-
-    The same value; the gradient is ``jax.grad`` of it up to float32 rounding, in
-    fewer passes over memory (``warp_and_slopes``, ``ncc_gradient_to``,
-    ``grad_loss_gradient``). Reverse mode only. With masks the data term's
-    per-voxel coefficients are weighted (``ncc_gradient_to``'s ``weights``; the
-    moving mask warped once more per step); without, nothing is added.
-    ``reg_weight=None``: the data term alone.
-    """
-    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
-                        fixed_mask, moving_mask)
+def _data_gradient_fn(moving, fixed, similarity, window, fixed_mask=None,
+                      moving_mask=None) -> Callable[..., jax.Array]:
+    """``(disp, add=None) ->`` the data term's gradient in ``disp``, written out
+    (``warp_and_slopes``, ``ncc_gradient_to``), plus ``add`` (``(*S, N)``) when
+    given. With masks the per-voxel coefficients are weighted
+    (``ncc_gradient_to``'s ``weights``; the moving mask warped once more)."""
     mask_weights = _mask_weights(fixed_mask, moving_mask)
     if similarity == "ncc":
         ncc_gradient = ncc_gradient_to(fixed, window=window)
@@ -119,17 +112,36 @@ def _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
         data_gradient = jax.grad(
             lambda warped, weights: masked_mean((fixed - warped) ** 2, weights))
 
-    def gradient(disp):
+    def gradient(disp, add=None):
         warped, slopes = warp_and_slopes(moving, disp)
         g_warped = data_gradient(warped, mask_weights(disp))
-        if reg_weight is None:
-            return jnp.stack([g_warped * slope for slope in slopes], axis=-1)
-        smooth = reg_weight * grad_loss_gradient(disp, penalty=penalty)
         # Each component in one expression: XLA then computes the whole gradient
         # in one pass, where a sum of two stacked arrays has each optimiser
         # update recompute one of them.
-        return jnp.stack([g_warped * slope + smooth[..., k]
+        return jnp.stack([g_warped * slope if add is None else g_warped * slope + add[..., k]
                           for k, slope in enumerate(slopes)], axis=-1)
+
+    return gradient
+
+
+def _inner_energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+                     fixed_mask=None, moving_mask=None):
+    """:func:`_energy_fn` with its gradient in ``disp`` written out, for the inner loop.
+
+    The same value; the gradient is ``jax.grad`` of it up to float32 rounding, in
+    fewer passes over memory (:func:`_data_gradient_fn`, ``grad_loss_gradient``).
+    Reverse mode only. Without masks nothing is added for them.
+    ``reg_weight=None``: the data term alone.
+    """
+    energy = _energy_fn(moving, fixed, reg_weight, similarity, window, penalty,
+                        fixed_mask, moving_mask)
+    data_gradient = _data_gradient_fn(moving, fixed, similarity, window, fixed_mask,
+                                      moving_mask)
+
+    def gradient(disp):
+        if reg_weight is None:
+            return data_gradient(disp)
+        return data_gradient(disp, reg_weight * grad_loss_gradient(disp, penalty=penalty))
 
     inner = jax.custom_vjp(energy)
     inner.defvjp(lambda disp: (energy(disp), disp), lambda disp, g: (g * gradient(disp),))

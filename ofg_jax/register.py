@@ -138,6 +138,10 @@ def _define_flags(fv: flags.FlagValues) -> None:
                       "no folding.", **define)
     flags.DEFINE_integer("int-steps", DEFAULTS.int_steps, "No --workdir, "
                          "--diffeomorphic: squarings of the integration.", **define)
+    flags.DEFINE_integer("integrate-every", DEFAULTS.integrate_every, "No --workdir, "
+                         "--diffeomorphic: the velocity's exponential is taken anew "
+                         "every this many steps (in between, to first order).",
+                         **define)
     flags.DEFINE_list("velocity-factor", None, "No --workdir, --diffeomorphic: per "
                       "level, the velocity lives on a grid this many times coarser "
                       "than the level (1: the level's grid); default: 2 at every "
@@ -194,6 +198,7 @@ def _settings(fv: flags.FlagValues) -> OptimizeSettings:
         learning_rate=fv["learning-rate"].value, reg_weight=fv["reg-weight"].value,
         similarity=fv.similarity, window=fv.window, optimizer=fv.optimizer,
         diffeomorphic=fv.diffeomorphic, int_steps=fv["int-steps"].value,
+        integrate_every=fv["integrate-every"].value,
         velocity_factor=(_integers(fv, "velocity-factor")
                          if fv["velocity-factor"].value else None))
     try:

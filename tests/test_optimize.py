@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from ofg_jax import jacobian_determinant, optimize_displacement
-from ofg_jax import refine, warp
+from ofg_jax import refine, registration_energy, warp
 from tests.references import np_warp
 
 
@@ -126,6 +126,61 @@ def test_a_coarser_velocity_grid_recovers_the_deformation_without_folding():
         assert np.asarray(jacobian_determinant(disp)).min() > 0
 
 
+def binomial_filter(field):
+    """``[1, 2, 1] / 4`` along each spatial axis, edges repeated (jnp, for autodiff)."""
+    for axis in range(field.ndim - 1):
+        pad = [(1, 1) if k == axis else (0, 0) for k in range(field.ndim)]
+        padded, n = jnp.pad(field, pad, mode="edge"), field.shape[axis]
+        field = sum(weight * jax.lax.slice_in_dim(padded, k, k + n, axis=axis)
+                    for k, weight in enumerate((0.25, 0.5, 0.25)))
+    return field
+
+
+@pytest.mark.parametrize("velocity_factor", [1, 2])
+def test_the_velocity_takes_first_order_steps_between_exponentials(velocity_factor):
+    """One level, SGD: each step is ``w -= lr * grad`` of ``-NCC(fixed,
+    moving∘U(exp(v0) + v - v0)) + reg * Grad(v)``, ``v = B(w)``, by autodiff of
+    the public energy, with ``v0`` the velocity when the exponential was last
+    taken (every ``integrate_every`` steps; 5 steps: a remainder of 2 with 3)
+    and ``U`` linear upsampling from the velocity's grid (``jax.image.resize``,
+    values times the factor)."""
+    from ofg_jax import optimize_velocity
+    from ofg_jax.models.integrate import integrate_velocity
+    from ofg_jax.regularizers import grad_loss
+    shape = (14, 12, 10)
+    moving, fixed = smooth_image(shape, 11), smooth_image(shape, 12)
+    lr, reg, steps = 150.0, 0.3, 5
+
+    grid = tuple(n // velocity_factor for n in shape)
+    upsample = lambda v: velocity_factor * jax.image.resize(v, shape + (3,), "linear")
+
+    def energy(w, anchor_velocity, anchor_disp):
+        velocity = binomial_filter(w)
+        disp = upsample(anchor_disp + velocity - anchor_velocity)
+        return (registration_energy(moving, fixed, disp, reg_weight=0.0, window=3)
+                + reg * grad_loss(velocity))
+
+    def reference(integrate_every):
+        w = jnp.zeros(grid + (3,))
+        for step in range(steps):
+            if step % integrate_every == 0:
+                anchor = binomial_filter(w)
+                anchor_disp = integrate_velocity(anchor[None], 4)[0]
+            w = w - lr * jax.grad(energy)(w, anchor, anchor_disp)
+        return np.asarray(upsample(binomial_filter(w)))
+
+    want = {every: reference(every) for every in (1, 3)}
+    scale = np.abs(want[1]).max()
+    assert scale > 0.3
+    assert np.abs(want[1] - want[3]).max() > 0.02 * scale  # the anchoring matters
+    for every in (1, 3):
+        got = optimize_velocity(moving, fixed, levels=(1,), steps=(steps,),
+                                learning_rate=lr, reg_weight=reg, window=3,
+                                optimizer="sgd", int_steps=4,
+                                velocity_factor=velocity_factor, integrate_every=every)
+        np.testing.assert_allclose(got, want[every], atol=2e-3 * scale)
+
+
 def test_jit_and_vmap_agree_on_a_shape_no_factor_divides():
     """Each pair of a vmapped batch as alone (up to rounding, which Adam can amplify
     to a fraction of a step where a gradient is about 0). Eager calls: the tests
@@ -154,6 +209,7 @@ def test_jit_and_vmap_agree_on_a_shape_no_factor_divides():
     (dict(similarity="mi"), "similarity must be one of"),
     (dict(optimizer="lbfgs"), "optimizer must be one of"),
     (dict(reg_weight=-1.0), "reg_weight must be a number >= 0"),
+    (dict(integrate_every=0), "integrate_every must be an integer >= 1"),
 ])
 def test_invalid_options_are_named(options, message):
     image = np.zeros((8, 8, 8), np.float32)

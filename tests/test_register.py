@@ -462,7 +462,7 @@ def test_diffeomorphic_mode_recovers_a_known_deformation_and_a_second_process_re
     logs.append(result.stdout)
     stdout = logs[1]
     assert ("diffeomorphic (velocity on grids 2,1 times coarser than the levels, "
-            "7 squarings)") in stdout
+            "7 squarings every 5 steps)") in stdout
     assert "inverse (exact: the negated velocity integrated" in stdout
     assert nib.load(out / "jacobian.nii.gz").get_fdata().min() > 0
     assert printed(stdout, "non_pos_jacobian_pct") == 0
