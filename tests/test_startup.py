@@ -3,7 +3,7 @@
 Each case runs the command in a fresh Python process, which then says whether
 ``jax`` was imported: a bad flag, a missing or unreadable file, a bad pairs CSV
 or workdir gets its one ``error:`` line and exit status with JAX never
-imported; optimisation alone then imports neither orbax nor matplotlib. The
+imported; optimisation alone then imports neither orbax, flax nor matplotlib. The
 package itself loads its primitives on first use. (How long the start-up takes is
 measured, not asserted: docs/registration_without_network.md.)
 """
@@ -20,11 +20,11 @@ from ofg_jax import cli
 from tests import registration_fixtures as fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# ``register.main(argv)``, then which of jax, orbax and matplotlib were imported,
+# ``register.main(argv)``, then which of jax, orbax, flax and matplotlib were imported,
 # on the last line.
 WRAPPER = ("import sys; from ofg_jax import register; "
            "status = register.main(['ofg-register'] + sys.argv[1:]); "
-           "print('imported:', *[name for name in ('jax', 'orbax', 'matplotlib') "
+           "print('imported:', *[name for name in ('jax', 'orbax', 'flax', 'matplotlib') "
            "if name in sys.modules]); sys.exit(status)")
 
 
@@ -103,9 +103,10 @@ def test_errors_come_before_jax_is_imported(case, inputs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_optimisation_alone_imports_neither_orbax_nor_matplotlib(inputs, tmp_path):
+def test_optimisation_alone_imports_neither_orbax_flax_nor_matplotlib(inputs, tmp_path):
     """The checks pass, JAX is imported and the pair registered; the trained
-    network's side (orbax) and the figures (matplotlib) are not imported."""
+    network's side (orbax), the networks (flax) and the figures (matplotlib)
+    are not imported."""
     proc = python("-c", WRAPPER, f"--moving={inputs['moving']}",
                   f"--fixed={inputs['fixed']}", f"--out={tmp_path / 'out'}",
                   "--levels=1", "--steps=2", "--nocompilation-cache")

@@ -12,13 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ofg_jax.models.integrate import VELOCITY
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.models.layers import Conv3D, flow_head_init
 from ofg_jax.models.resample import upsample_linear2
-
-# Name of the velocity field that diffeomorphic networks sow into the
-# "intermediates" collection: ``model.apply(..., mutable=["intermediates"])``.
-VELOCITY = "velocity"
 
 
 def check_img_size(name: str, img_size: Sequence[int]) -> tuple[int, int, int]:

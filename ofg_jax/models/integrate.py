@@ -4,6 +4,10 @@ import jax
 
 from ofg_jax.warp import warp
 
+# Name of the velocity field that diffeomorphic networks sow into the
+# "intermediates" collection: ``model.apply(..., mutable=["intermediates"])``.
+VELOCITY = "velocity"
+
 
 def integrate_velocity(velocity: jax.Array, steps: int = 7) -> jax.Array:
     """Scaling and squaring: the displacement of ``exp(v)``.

@@ -20,7 +20,7 @@ import numpy as np
 from ofg_jax.registration.compile_time import compile_ahead
 from ofg_jax.metrics import dice_per_label
 from ofg_jax.metrics import jacobian_determinant
-from ofg_jax.models.base import VELOCITY
+from ofg_jax.models.integrate import VELOCITY
 from ofg_jax.models.integrate import integrate_velocity
 from ofg_jax.optimize import OptimizeSettings
 from ofg_jax.optimize import check_options
