@@ -193,20 +193,23 @@ def main(argv=None) -> None:
     names = args.pairs.split(",")
     if any(name.startswith("subject_to_mni") for name in names):
         parser.error("the subject_to_mni pairs are the reported ones, not for tuning")
-    missing = [n for n in names if not os.path.isdir(os.path.join(args.pairs_dir, n))]
-    if missing:
-        if not args.data:
-            parser.error(f"pairs {missing} are not in {args.pairs_dir}; give --data")
-        brain_pairs.make_pairs(args.data, args.pairs_dir, missing)
     chosen = args.settings.split("|") if args.settings else list(SETTINGS)
     unknown = [c for c in chosen if c not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}")
     settings = {name: SETTINGS[name] for name in chosen}
     if args.steps:
-        steps = tuple(int(n) for n in args.steps.split(","))
+        try:
+            steps = tuple(int(n) for n in args.steps.split(","))
+        except ValueError:
+            parser.error(f"--steps must be integers separated by commas, got {args.steps!r}")
         settings = {name: setting if isinstance(setting, tuple) else {**setting, "steps": steps}
                     for name, setting in settings.items()}
+    missing = [n for n in names if not os.path.isdir(os.path.join(args.pairs_dir, n))]
+    if missing:
+        if not args.data:
+            parser.error(f"pairs {missing} are not in {args.pairs_dir}; give --data")
+        brain_pairs.make_pairs(args.data, args.pairs_dir, missing)
     rows = []
     for name in names:
         folder = os.path.join(args.pairs_dir, name)

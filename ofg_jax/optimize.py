@@ -274,12 +274,12 @@ def optimize_velocity(moving: jax.Array, fixed: jax.Array, *,
         def gradient(variable, anchor):
             velocity = _binomial_filter(variable)
             anchor_velocity, anchor_disp = anchor
-            disp = anchor_disp + upsample(velocity - anchor_velocity)
+            change, upsample_adjoint = jax.vjp(upsample, velocity - anchor_velocity)
             smooth = reg_weight * grad_loss_gradient(velocity)
             if field_factor == 1:
-                g = data_gradient(disp, smooth)
+                g = data_gradient(anchor_disp + change, smooth)
             else:
-                g = jax.vjp(upsample, velocity)[1](data_gradient(disp))[0] + smooth
+                g = upsample_adjoint(data_gradient(anchor_disp + change))[0] + smooth
             return _binomial_filter(g)  # the filter is its own adjoint
 
         variable = _minimise_anchored(gradient, anchor, start, opt, count, integrate_every)

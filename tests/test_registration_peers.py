@@ -224,7 +224,9 @@ def test_the_tuning_sweep_scores_each_setting(pair_dir, tmp_path, capsys):
         assert row["error_mm"] < identity["error_mm"], row
         assert row["optimisation_seconds"] > 0
     for argv, message in ((["--pairs", "subject_to_mni_2mm"], "reported"),
-                          (["--pairs", "tiny", "--settings", "nope"], "unknown settings")):
+                          (["--pairs", "tiny", "--settings", "nope"], "unknown settings"),
+                          (["--pairs", "absent", "--steps", "0,x"],
+                           "--steps must be integers separated by commas")):
         with pytest.raises(SystemExit):
             tuning.main(["--pairs-dir", os.path.dirname(pair_dir), "--out", out, *argv])
         assert message in capsys.readouterr().err
